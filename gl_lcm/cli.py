@@ -1,0 +1,225 @@
+"""`gl-lcm <command>`: argument parsing only, then one call into the package.
+
+Every command that takes ``--config`` also takes dotted overrides after it, e.g.
+``gl-lcm train-vqgan --config configs/vqgan_tiny.yaml train.batch_size=8``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from gl_lcm.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=8")
+
+
+def _cfg(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def _resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (newest checkpoint in train.output_dir), 'none', or a checkpoint path")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_config(args):
+    from gl_lcm.config import to_yaml
+
+    sys.stdout.write(to_yaml(_cfg(args)))
+
+
+def cmd_phantoms(args):
+    from gl_lcm.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(f"wrote {args.n} phantoms ({args.size}x{args.size}) to {args.out}")
+
+
+def cmd_split(args):
+    from gl_lcm.data.pairs import find_pairs
+    from gl_lcm.data.split import make_split, write_split
+
+    pairs = find_pairs(args.cxr_dir, args.bs_dir, allow_unpaired=args.allow_unpaired)
+    split = make_split([p.stem for p in pairs], tuple(args.fractions), seed=args.seed, group_regex=args.group_regex)
+    write_split(args.out, split)
+    print(", ".join(f"{k}: {len(v)}" for k, v in split.items()) + f" -> {args.out}")
+
+
+def cmd_metrics(args):
+    from gl_lcm.metrics import build_lpips_from_args, evaluate_folders
+    from gl_lcm.data.pairs import read_split
+
+    stems = read_split(args.list) if args.list else None
+    lpips_metric = None if args.no_lpips else build_lpips_from_args(args.lpips_weights, args.lpips_protocol)
+    evaluate_folders(args.cxr_dir, args.gt_dir, args.pred_dir, args.out, stems=stems,
+                     image_size=args.image_size, lpips_metric=lpips_metric)
+
+
+def cmd_train_vqgan(args):
+    from gl_lcm.train.vqgan import train_vqgan
+
+    train_vqgan(_cfg(args), resume=args.resume)
+
+
+def cmd_eval_vqgan(args):
+    from gl_lcm.train.vqgan import evaluate_vqgan
+
+    evaluate_vqgan(_cfg(args), checkpoint=args.checkpoint, split=args.split, out_dir=args.out)
+
+
+def cmd_train_ldm(args):
+    from gl_lcm.train.ldm import train_ldm
+
+    train_ldm(_cfg(args), resume=args.resume)
+
+
+def cmd_distill(args):
+    from gl_lcm.train.distill import train_distill
+
+    train_distill(_cfg(args), resume=args.resume)
+
+
+def cmd_train_seg(args):
+    from gl_lcm.train.segnet import train_segnet
+
+    train_segnet(_cfg(args), resume=args.resume)
+
+
+def cmd_segment(args):
+    from gl_lcm.evaluate import segment_path
+
+    segment_path(_cfg(args), args.input, args.out)
+
+
+def cmd_evaluate(args):
+    from gl_lcm.evaluate import evaluate_split
+
+    evaluate_split(_cfg(args), split=args.split, overwrite=args.overwrite, no_lpips=args.no_lpips)
+
+
+def cmd_suppress(args):
+    from gl_lcm.evaluate import suppress_path
+
+    suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth)
+
+
+def cmd_ablate(args):
+    from gl_lcm.evaluate import ablate
+
+    ablate(_cfg(args), split=args.split, no_lpips=args.no_lpips)
+
+
+def cmd_demo(args):
+    from gl_lcm.demo import run_demo
+
+    run_demo(out_dir=args.out, fast=args.fast, overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gl-lcm", description="GL-LCM bone suppression for chest X-rays")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("config", cmd_config, "print the effective config (defaults + file + overrides) as commented YAML")
+    _config_args(p, required=False)
+
+    p = add("phantoms", cmd_phantoms, "generate the built-in synthetic data set (CXR/, BS/, Mask/, split lists)")
+    p.add_argument("--out", default="data/phantom")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("split", cmd_split, "seeded, reproducible train/val/test split written as text lists")
+    p.add_argument("--cxr-dir", required=True)
+    p.add_argument("--bs-dir", required=True)
+    p.add_argument("--out", required=True, help="folder for train.txt / val.txt / test.txt")
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--group-regex", default=None, help="regex whose match (group 1 if any) names the patient")
+    p.add_argument("--allow-unpaired", action="store_true", help="skip files present in one folder only")
+
+    p = add("metrics", cmd_metrics, "BSR / MSE / PSNR / LPIPS of a prediction folder (paper-layout table)")
+    p.add_argument("--cxr-dir", required=True)
+    p.add_argument("--gt-dir", required=True)
+    p.add_argument("--pred-dir", required=True)
+    p.add_argument("--list", default=None, help="split list of stems (default: every ground truth)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (e.g. without local AlexNet weights)")
+    p.add_argument("--lpips-protocol", choices=["published", "standard"], default="published")
+    p.add_argument("--lpips-weights", default="", help="AlexNet trunk weights file")
+
+    p = add("train-vqgan", cmd_train_vqgan, "train the VQGAN (latent space)")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("eval-vqgan", cmd_eval_vqgan, "reconstruct a split: PSNR, MS-SSIM and codebook usage")
+    _config_args(p)
+    p.add_argument("--checkpoint", default=None, help="default: checkpoints.vqgan from the config")
+    p.add_argument("--split", default=None, help="split list (default: data.test_list)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+
+    p = add("train-ldm", cmd_train_ldm, "train the latent diffusion teacher (conditional UNet)")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("distill", cmd_distill, "latent consistency distillation of the teacher into a few-step student")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("train-seg", cmd_train_seg, "train the lung segmentation U-Net on (image, mask) pairs")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("segment", cmd_segment, "lung masks and overlays for one image or a folder")
+    p.add_argument("input")
+    p.add_argument("-o", "--out", required=True)
+    _config_args(p, required=False)
+
+    p = add("evaluate", cmd_evaluate, "run GL-LCM over a split: predictions, figures, timings, metrics")
+    _config_args(p)
+    p.add_argument("--split", default=None, help="split list (default: data.test_list)")
+    p.add_argument("--overwrite", action="store_true", help="redo images that are already finished")
+    p.add_argument("--no-lpips", action="store_true")
+
+    p = add("suppress", cmd_suppress, "bone-suppress one image, a folder or DICOM files (output at original size)")
+    p.add_argument("input")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
+    _config_args(p)
+
+    p = add("ablate", cmd_ablate, "guidance x fusion ablation tables (PSNR and LPIPS)")
+    _config_args(p)
+    p.add_argument("--split", default=None)
+    p.add_argument("--no-lpips", action="store_true")
+
+    p = add("demo", cmd_demo, "whole suite on built-in phantoms: data, VQGAN, teacher, student, evaluation, report")
+    p.add_argument("--out", default="results/demo")
+    p.add_argument("--fast", action="store_true", help="one-minute smoke version")
+    p.add_argument("--overwrite", action="store_true", help="redo finished stages")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"gl-lcm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

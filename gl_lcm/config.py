@@ -1,0 +1,415 @@
+"""Typed configuration: YAML <-> nested dataclasses, validation, dotted overrides.
+
+Every key has a default and a one-line help text (``metadata["help"]``), which is
+also what ``gl-lcm config`` prints as the comment above the key. Loading a YAML
+file checks every key: an unknown or misspelt key is an error that names it and
+suggests the closest valid key; values are checked for type and range.
+
+Example::
+
+    cfg = load_config("configs/vqgan_tiny.yaml", ["train.batch_size=8"])
+    cfg.train.batch_size  # 8
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the fix."""
+
+
+def opt(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
+        min: Optional[float] = None, max: Optional[float] = None) -> Any:
+    """A dataclass field with a help text and optional checks (choices, inclusive min/max)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: list(d) if isinstance(d, list) else dict(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    root: str = opt("data/phantom", "folder holding the image folders and split lists (relative paths below are inside it)")
+    cxr_dir: str = opt("CXR", "folder of chest radiographs (CXR), relative to root or absolute")
+    bs_dir: str = opt("BS", "folder of soft-tissue (bone-suppressed, DES) ground truths, same file stems as cxr_dir")
+    mask_dir: str = opt("Mask", "folder of lung masks (0/255 PNG, same stems); empty string = no mask folder")
+    train_list: str = opt("train.txt", "text file of training stems, one per line, relative to root")
+    val_list: str = opt("val.txt", "text file of validation stems")
+    test_list: str = opt("test.txt", "text file of test stems")
+    image_size: int = opt(1024, "square size images are resized to before entering the models (pixels)", min=8)
+    allow_unpaired: bool = opt(False, "skip (with a warning) files present in only one of cxr_dir/bs_dir instead of failing")
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", min=0)
+
+
+@dataclass
+class VQGANConfig:
+    channels: list = opt([128, 256, 512], "encoder channels per level; one 2x downsampling per entry (3 -> 1024 px to 128 latent)")
+    num_res_blocks: int = opt(2, "residual blocks per level", min=1)
+    embed_dim: int = opt(4, "latent (codebook embedding) channels", min=1)
+    codebook_size: int = opt(1024, "number of codebook vectors", min=2)
+    attn_at_bottom: bool = opt(True, "self-attention at the lowest resolution")
+    beta: float = opt(0.25, "commitment weight of the vector quantiser", min=0.0)
+    use_ema: bool = opt(True, "update the codebook by exponential moving averages instead of gradients")
+    ema_decay: float = opt(0.99, "decay of the EMA codebook statistics", min=0.0, max=1.0)
+    dead_code_steps: int = opt(200, "restart a code unused for this many training steps (0 = never)", min=0)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    # loss weights (published: MSE (weight 1) + quantisation + 1 MS-SSIM + 0.001 perceptual + 0.01 adversarial)
+    msssim_weight: float = opt(1.0, "weight of (1 - MS-SSIM)", min=0.0)
+    perceptual_weight: float = opt(0.001, "weight of the LPIPS perceptual loss (skipped with a warning if its weights are absent)", min=0.0)
+    perceptual_net: str = opt("vgg", "LPIPS trunk for the perceptual loss", choices=["vgg", "alex"])
+    perceptual_weights: str = opt("", "path to the trunk weights (empty = $TORCH_HOME/hub/checkpoints/<torchvision file>)")
+    adversarial_weight: float = opt(0.01, "weight of the least-squares adversarial loss", min=0.0)
+    adversarial_start_step: int = opt(2000, "optimizer step at which the adversarial loss starts", min=0)
+    disc_layers: int = opt(3, "patch discriminator layers", min=1)
+    disc_channels: int = opt(64, "patch discriminator base channels", min=1)
+    disc_lr: float = opt(1e-4, "discriminator learning rate (own optimiser and schedule)", min=0.0)
+
+
+@dataclass
+class UNetConfig:
+    model_channels: int = opt(128, "base channels of the latent UNet", min=1)
+    channel_mult: list = opt([1, 1, 2, 2, 4, 4], "channel multiplier per level (one downsampling between levels)")
+    num_res_blocks: int = opt(8, "residual blocks per level", min=1)
+    attention_resolutions: list = opt([16, 8, 4], "feature-map sizes (for a latent of latent_size) with self-attention")
+    latent_size: int = opt(128, "latent side length the attention_resolutions refer to", min=1)
+    num_heads: int = opt(8, "attention heads", min=1)
+    dropout: float = opt(0.0, "dropout in residual blocks", min=0.0, max=1.0)
+    use_scale_shift_norm: bool = opt(True, "ADM scale-shift timestep conditioning")
+    resblock_updown: bool = opt(True, "down/upsample inside residual blocks (ADM)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = opt(1000, "diffusion steps T", min=2)
+    beta_schedule: str = opt("scaled_linear", "noise schedule", choices=["scaled_linear", "linear", "cosine"])
+    beta_start: float = opt(0.00085, "first beta", min=0.0, max=1.0)
+    beta_end: float = opt(0.012, "last beta", min=0.0, max=1.0)
+    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=["epsilon", "v_prediction"])
+    offset_noise: float = opt(0.1, "offset-noise strength in training (0 = plain Gaussian noise)", min=0.0)
+    cond_dropout: float = opt(0.0, "probability of zeroing the condition in training (for classifier-free guidance)", min=0.0, max=1.0)
+    paths: list = opt(["global", "local"], "training pairs: global (CXR->BS) and/or local (masked CXR->masked BS)")
+
+
+@dataclass
+class LCMConfig:
+    num_inference_steps: int = opt(50, "sampling steps (50 for the teacher as published; 1-8 for a distilled student)", min=1)
+    original_inference_steps: int = opt(50, "LCM grid size the timesteps are taken from", min=1)
+    timestep_scaling: float = opt(10.0, "LCM boundary-condition timestep scaling", min=0.0)
+    dynamic_clip: bool = opt(True, "clamp predicted x0 to +-(omega + b*j) at step j (temporal adaptive thresholding)")
+    global_omega: float = opt(2.0, "clip base for the global path (SZCH 2.0, JSRT 1.7)", min=0.0)
+    local_omega: float = opt(3.5, "clip base for the local path (SZCH 3.5, JSRT 3.0)", min=0.0)
+    clip_b: float = opt(0.025, "clip growth per step", min=0.0)
+
+
+@dataclass
+class GuidanceConfig:
+    mode: str = opt("leg", "local-path guidance", choices=["vanilla", "cfg", "leg"])
+    alpha: float = opt(3.0, "guidance weight (published 3)")
+
+
+@dataclass
+class DistillConfig:
+    num_ddim_timesteps: int = opt(50, "points of the skipping-step DDIM solver grid (k = T / this)", min=2)
+    loss_type: str = opt("huber", "consistency loss", choices=["huber", "l2"])
+    huber_c: float = opt(0.001, "pseudo-Huber constant c", min=0.0)
+    target_ema: float = opt(0.95, "EMA decay of the target network", min=0.0, max=1.0)
+
+
+@dataclass
+class SegmentationConfig:
+    method: str = opt("classical", "lung segmentation method", choices=["classical", "unet", "folder"])
+    mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
+    image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
+    base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
+    depth: int = opt(4, "segmentation U-Net downsamplings", min=1)
+    min_area: int = opt(100, "drop mask components smaller than this many pixels at 1024x1024 (scaled with resolution)", min=0)
+    cache: bool = opt(True, "cache masks on disk so a rerun does not recompute them")
+
+
+@dataclass
+class FusionConfig:
+    mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
+    backend: str = opt("float", "Poisson solver: float (sparse solve, keeps 16-bit precision) or opencv (seamlessClone)", choices=["float", "opencv"])
+    feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
+
+
+@dataclass
+class MetricsConfig:
+    image_size: int = opt(1024, "size all metrics are computed at (bilinear resize)", min=8)
+    lpips: bool = opt(True, "compute LPIPS (needs local AlexNet weights)")
+    lpips_protocol: str = opt("published", "published: 1-channel [0,1] input as the paper; standard: rescaled to [-1,1]", choices=["published", "standard"])
+    lpips_weights: str = opt("", "AlexNet trunk weights (empty = $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/default", "folder for checkpoints, logs, curves and sample grids")
+    max_steps: int = opt(1000, "optimizer steps to train", min=1)
+    batch_size: int = opt(4, "images per GPU/process per micro-batch", min=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
+    lr: float = opt(1e-4, "peak learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    adam_betas: list = opt([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = opt(0, "linear warm-up steps", min=0)
+    lr_milestones: list = opt([], "steps at which the learning rate is multiplied by lr_gamma")
+    lr_gamma: float = opt(0.5, "learning-rate decay factor at each milestone", min=0.0)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)", min=0.0)
+    ema_decay: float = opt(0.999, "EMA decay of weights used for sampling (0 = no EMA)", min=0.0, max=1.0)
+    mixed_precision: str = opt("bf16", "autocast dtype on GPU (CPU always runs fp32)", choices=["bf16", "fp16", "no"])
+    channels_last: bool = opt(True, "channels_last memory format on GPU")
+    log_every: int = opt(10, "log losses every N steps", min=1)
+    val_every: int = opt(200, "validate (sample grids, metrics) every N steps", min=1)
+    ckpt_every: int = opt(200, "write a checkpoint every N steps", min=1)
+    keep_last: int = opt(2, "checkpoints kept on disk (older ones deleted)", min=1)
+    latent_cache: bool = opt(True, "encode the training set once with the frozen VQGAN and train on cached latents (faster)")
+
+
+@dataclass
+class CheckpointsConfig:
+    vqgan: str = opt("", "trained VQGAN checkpoint (carries its config and latent scale)")
+    teacher: str = opt("", "trained latent-diffusion teacher checkpoint")
+    student: str = opt("", "distilled consistency student checkpoint")
+    segnet: str = opt("", "lung segmentation U-Net checkpoint (segmentation.method = unet)")
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = opt("results/eval", "folder for predictions, figures, timings and metric tables")
+    model: str = opt("student", "which denoiser to sample", choices=["student", "teacher"])
+    sampler: str = opt("lcm", "sampler", choices=["lcm", "ddim", "ddpm"])
+    batch_size: int = opt(2, "images sampled together (results do not depend on it)", min=1)
+    save_figures: bool = opt(True, "write CXR | prediction | ground truth | |difference| figures")
+    bit_depth: int = opt(8, "bit depth of written predictions", choices=[8, 16])
+
+
+@dataclass
+class Config:
+    seed: int = opt(42, "global seed: training, and per-image seeds derived with the file name")
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    data: DataConfig = field(default_factory=DataConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTION_HELP = {
+    "data": "paired images and split lists",
+    "vqgan": "VQGAN autoencoder (latent space), its discriminator and loss weights",
+    "unet": "conditional latent UNet (noise estimator)",
+    "diffusion": "noise schedule and teacher training objective",
+    "lcm": "latent consistency sampler and dynamic clipping",
+    "guidance": "guidance of the local (lung) path",
+    "distill": "latent consistency distillation of the teacher into a few-step student",
+    "segmentation": "lung segmentation",
+    "fusion": "global-local fusion in pixel space",
+    "metrics": "BSR / MSE / PSNR / LPIPS evaluation",
+    "train": "training loop shared by every model",
+    "checkpoints": "trained weights used by later stages",
+    "eval": "batch evaluation and inference",
+}
+
+
+# --------------------------------------------------------------------------- conversion
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML/JSON/torch.save friendly) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_value(key: str, value: Any, typ: Any, f: dataclasses.Field, source: str) -> Any:
+    where = f" in {source}" if source else ""
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}'{where} must be true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}'{where} must be an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}'{where} must be a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}'{where} must be a string, got {value!r}")
+    elif typ is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}'{where} must be a list, got {value!r}")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else []
+        kinds = {type(v) for v in default}
+        if kinds and not all(isinstance(v, tuple(kinds)) or (float in kinds and isinstance(v, int)) for v in value):
+            raise ConfigError(f"'{key}'{where} must be a list of {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"'{key}'{where} must be one of {list(meta['choices'])}, got {value!r}")
+    if meta.get("min") is not None and isinstance(value, (int, float)) and value < meta["min"]:
+        raise ConfigError(f"'{key}'{where} must be >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and isinstance(value, (int, float)) and value > meta["max"]:
+        raise ConfigError(f"'{key}'{where} must be <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _unknown_key_error(key: str, valid: Iterable[str], source: str) -> ConfigError:
+    valid = list(valid)
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    where = f" in {source}" if source else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def from_dict(cls: type, data: Optional[dict], source: str = "", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) nested dict; missing keys keep defaults.
+
+    Raises ConfigError naming the full dotted key for unknown keys and bad values.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' in {source or 'config'} must be a mapping, got {data!r}")
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown_key_error(key, fields, source)
+        typ = _type_of(cls, name)
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, value, source, prefix=f"{key}.")
+        else:
+            kwargs[name] = _check_value(key, value, typ, fields[name], source)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.batch_size=8' -> ('train.batch_size', 8); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.batch_size=8)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value: {exc}") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Merge dotted ``key=value`` overrides into a nested dict (validated later by from_dict)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + command-line overrides"
+    return from_dict(Config, data, source)
+
+
+def config_from_checkpoint(data: dict) -> Config:
+    """Rebuild a Config from the plain dict stored in a checkpoint."""
+    return from_dict(Config, data, "checkpoint")
+
+
+# --------------------------------------------------------------------------- YAML output
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def to_yaml(cfg: Any, sections: Optional[Sequence[str]] = None, comments: bool = True) -> str:
+    """YAML text of a config, each key preceded by its help text as a comment.
+
+    ``sections`` limits the output to some top-level sections (others keep defaults when loaded).
+    """
+    lines: list[str] = []
+
+    def emit(obj: Any, indent: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                if sections is not None and f.name not in sections:
+                    continue
+                if comments:
+                    lines.append(f"{indent}# {SECTION_HELP.get(f.name, f.name)}")
+                lines.append(f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+                lines.append("")
+            else:
+                if sections is not None and indent == "" and "top" not in sections:
+                    continue
+                help_text = f.metadata.get("help", "")
+                choices = f.metadata.get("choices")
+                if choices:
+                    help_text += f" ({' | '.join(map(str, choices))})"
+                if comments and help_text:
+                    lines.append(f"{indent}{f.name}: {_yaml_value(value)}  # {help_text}")
+                else:
+                    lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
+
+    emit(cfg, "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the effective config as commented YAML, atomically."""
+    from gl_lcm.utils.atomic import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def resolve_data_path(cfg: Config, value: str) -> Path:
+    """A data path from the config: absolute, or relative to ``data.root``."""
+    p = Path(value)
+    return p if p.is_absolute() else Path(cfg.data.root) / p

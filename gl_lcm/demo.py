@@ -1,0 +1,229 @@
+"""`gl-lcm demo`: the whole suite on built-in phantoms, no arguments, no downloads.
+
+Stages (each resumes: a finished stage is skipped, a killed training resumes from its checkpoint):
+phantoms -> VQGAN -> teacher -> student (consistency distillation) -> evaluation of GL-LCM and
+baselines on held-out phantoms -> results/demo/report.md (metrics, timings, figure).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gl_lcm.config import Config, load_config, to_dict
+from gl_lcm.utils.atomic import atomic_write_text
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the tiny configs the demo trains with
+
+
+def _config(name: str, overrides: list[str]) -> Config:
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found: run the demo from a checkout of the repository "
+                                f"(pip install -e .)")
+    return load_config(path, overrides)
+
+
+def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
+    """Configs of the demo stages with paths inside ``out`` (fast: smoke-test sizes)."""
+    data_root = str(out / "data")
+    common = [f"data.root={data_root}"]
+    if fast:
+        common += ["data.image_size=64"]
+    vq = _config("vqgan_tiny.yaml", common + [f"train.output_dir={out / 'vqgan'}"]
+                     + (["train.max_steps=30", "train.val_every=30", "train.ckpt_every=30",
+                         "vqgan.adversarial_start_step=20"] if fast else []))
+    vq_ckpt = str(out / "vqgan" / "model.pt")
+    ldm = _config("ldm_tiny.yaml", common + [f"train.output_dir={out / 'teacher'}",
+                                                             f"checkpoints.vqgan={vq_ckpt}"]
+                      + (["train.max_steps=40", "train.val_every=40", "train.ckpt_every=40",
+                          "lcm.num_inference_steps=4"] if fast else []))
+    teacher_ckpt = str(out / "teacher" / "model.pt")
+    dis = _config("distill_tiny.yaml", common + [f"train.output_dir={out / 'student'}",
+                                                             f"checkpoints.vqgan={vq_ckpt}",
+                                                             f"checkpoints.teacher={teacher_ckpt}"]
+                      + (["train.max_steps=20", "train.val_every=20", "train.ckpt_every=20",
+                          "lcm.num_inference_steps=2"] if fast else []))
+    ev = _config("gl_lcm_tiny.yaml", common + [
+        f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
+        f"checkpoints.student={out / 'student' / 'model.pt'}", f"eval.output_dir={out / 'eval'}"]
+        + (["metrics.image_size=64"] if fast else []))
+    return {"vqgan": vq, "teacher": ldm, "student": dis, "eval": ev}
+
+
+def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log: dict) -> None:
+    if done.is_file() and not overwrite:
+        print(f"[demo] {name}: done already ({done}), skipped")
+        log.setdefault(name, log.get(name, 0.0))
+        return
+    print(f"[demo] {name} ...")
+    t0 = time.time()
+    run()
+    log[name] = time.time() - t0
+
+
+def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    """Run every stage; returns the report's numbers. The report is ``<out_dir>/report.md``."""
+    from gl_lcm.data.phantom import write_phantom_dataset
+    from gl_lcm.train.distill import train_distill
+    from gl_lcm.train.ldm import train_ldm
+    from gl_lcm.train.vqgan import train_vqgan
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = demo_configs(out, fast)
+    timing_path = out / "stage_times.json"
+    stage_times: dict = json.loads(timing_path.read_text()) if timing_path.is_file() and not overwrite else {}
+    n, size = (24, 64) if fast else (200, 128)
+    resume = "none" if overwrite else "auto"
+    _stage("phantoms", out / "data" / "test.txt", overwrite,
+           lambda: write_phantom_dataset(out / "data", n=n, size=size, seed=0), stage_times)
+    _stage("vqgan", out / "vqgan" / "model.pt", overwrite,
+           lambda: train_vqgan(cfgs["vqgan"], resume=resume, progress=progress), stage_times)
+    _stage("teacher", out / "teacher" / "model.pt", overwrite,
+           lambda: train_ldm(cfgs["teacher"], resume=resume, progress=progress), stage_times)
+    _stage("student", out / "student" / "model.pt", overwrite,
+           lambda: train_distill(cfgs["student"], resume=resume, progress=progress), stage_times)
+    atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
+    t0 = time.time()
+    results = evaluate_demo(cfgs["eval"], out, fast=fast, progress=progress)
+    stage_times["evaluation"] = time.time() - t0
+    atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
+    write_report(out, results, stage_times, fast)
+    print(f"[demo] report: {out / 'report.md'}")
+    return results
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = True) -> dict:
+    """GL-LCM (student and teacher) and baselines on the held-out phantoms, in memory."""
+    from gl_lcm.data.datasets import pairs_for_split
+    from gl_lcm.data.io import read_image
+    from gl_lcm.evaluate import Segmenter
+    from gl_lcm.metrics import compute_metrics, summarize
+    from gl_lcm.models.factory import load_denoiser, load_vqgan
+    from gl_lcm.pipeline import GLLCMPipeline, image_generators, sample_latents
+    from gl_lcm.utils.dist import resolve_device
+
+    device = resolve_device(cfg.device)
+    size = cfg.data.image_size
+    pairs = pairs_for_split(cfg, "test")
+    vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
+    teacher, _ = load_denoiser(cfg.checkpoints.teacher, device)
+    student, _ = load_denoiser(cfg.checkpoints.student, device)
+    seg = Segmenter(cfg, out / "eval")
+    import cv2
+
+    def load(p):
+        img, _ = read_image(p)
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) if img.shape != (size, size) else img
+
+    names = [p.stem for p in pairs]
+    cxrs = [load(p.cxr) for p in pairs]
+    gts = [load(p.bs) for p in pairs]
+    masks = []
+    for nme, c in zip(names, cxrs):
+        try:
+            masks.append(seg(nme, c))
+        except ValueError:  # no lung found: fall back to the phantom's true mask for the demo
+            masks.append(load(pairs[names.index(nme)].mask) > 0.5)
+
+    preds: dict[str, list[np.ndarray]] = {}
+    times: dict[str, float] = {}
+    extra: dict[str, dict] = {}
+    ddpm_n = 2 if fast else 4
+    methods = [
+        ("Identity (prediction = CXR)", None),
+        ("VQGAN round trip of the CXR", None),
+        (f"BS-LDM style: teacher, DDPM-1000 (global, {ddpm_n} images)", ("teacher", "ddpm", 1000)),
+        ("GL-LCM published: teacher, LCM-50", ("teacher", "gllcm", 50)),
+        ("GL-LCM ours: student, 4 steps", ("student", "gllcm", 4)),
+        ("GL-LCM ours: student, 2 steps", ("student", "gllcm", 2)),
+        ("GL-LCM ours: student, 1 step", ("student", "gllcm", 1)),
+    ]
+    batch = cfg.eval.batch_size
+    for name, spec in tqdm(methods, desc="demo evaluation", disable=not progress):
+        t0 = time.perf_counter()
+        if spec is None and name.startswith("Identity"):
+            preds[name] = list(cxrs)
+        elif spec is None:
+            out_imgs = []
+            for i in range(0, len(cxrs), batch):
+                x = torch.from_numpy(np.stack(cxrs[i:i + batch]))[:, None].to(device) * 2 - 1
+                out_imgs += list(((vqgan.decode(vqgan.encode(x)).clamp(-1, 1)[:, 0].cpu().numpy() + 1) / 2))
+            preds[name] = out_imgs
+        elif spec[1] == "ddpm":
+            out_imgs = []
+            for i in range(ddpm_n):
+                x = torch.from_numpy(cxrs[i])[None, None].to(device) * 2 - 1
+                gen = image_generators(cfg.seed, [names[i]])[0]
+                z = sample_latents(teacher, vqgan.encode(x), cfg, 1000, generator=gen, sampler="ddpm")
+                img = ((vqgan.decode(z).clamp(-1, 1)[0, 0].cpu().numpy() + 1) / 2)
+                out_imgs.append(np.where(cxrs[i] <= 0, 0.0, img))
+            preds[name] = out_imgs
+        else:
+            model = teacher if spec[0] == "teacher" else student
+            pipe = GLLCMPipeline(vqgan, model, cfg, device)
+            fused, glob, loc = [], [], []
+            for i in range(0, len(cxrs), batch):
+                rs = pipe.run(names[i:i + batch], cxrs[i:i + batch], masks[i:i + batch], num_steps=spec[2])
+                fused += [r.fused for r in rs]
+                glob += [r.global_img for r in rs]
+                loc += [r.local_img for r in rs]
+            preds[name] = fused
+            extra[name] = {"global": glob, "local": loc}
+        n_img = len(preds[name])
+        times[name] = (time.perf_counter() - t0) / n_img
+    rows = {}
+    for name, ps in preds.items():
+        per = [compute_metrics(cxrs[i], gts[i], ps[i], image_size=cfg.metrics.image_size) for i in range(len(ps))]
+        rows[name] = summarize(per)
+    ddpm_name = methods[2][0]
+    # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
+    subset = {name: summarize([compute_metrics(cxrs[i], gts[i], preds[name][i], image_size=cfg.metrics.image_size)
+                               for i in range(ddpm_n)]) for name in preds}
+    figure_cases(out / "demo_figure.png", cxrs, gts, extra["GL-LCM ours: student, 4 steps"],
+                 preds["GL-LCM ours: student, 4 steps"], k=4)
+    return {"summaries": rows, "subset": subset, "times": times, "n_test": len(cxrs), "ddpm_n": ddpm_n,
+            "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size}
+
+
+def figure_cases(path: Path, cxrs, gts, paths: dict, fused, k: int = 4) -> None:
+    """CXR | global | local | fused | ground truth for the first k test cases."""
+    from gl_lcm.utils.plotting import save_grid
+
+    rows = [[cxrs[i], paths["global"][i], paths["local"][i], fused[i], gts[i]] for i in range(min(k, len(cxrs)))]
+    save_grid(path, rows, labels=["CXR", "global", "local", "fused", "truth"])
+
+
+def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
+    from gl_lcm.metrics import markdown_table
+
+    t = res["times"]
+    teacher = "GL-LCM published: teacher, LCM-50"
+    lines = [f"# gl-lcm demo report{' (--fast smoke run)' if fast else ''}", "",
+             f"Held-out phantoms: {res['n_test']} images at {res['image_size']}x{res['image_size']}; metrics at "
+             f"{res['metrics_size']}x{res['metrics_size']}; LPIPS not computed (needs local AlexNet weights).", "",
+             "## Metrics (mean ± std over the test split)", "", markdown_table(res["summaries"]).strip(), "",
+             f"The DDPM-1000 baseline runs on the first {res['ddpm_n']} test images only (it takes 1000 UNet "
+             f"calls per image); on that subset:", "", markdown_table(res["subset"]).strip(), "",
+             "## Sampling + decoding time per image (this machine)", "",
+             "| Method | seconds / image | ratio to teacher LCM-50 |", "|:--|--:|--:|"]
+    for name, sec in t.items():
+        lines.append(f"| {name} | {sec:.3f} | {sec / t[teacher]:.3f} |")
+    lines += ["", "## Stage durations (s)", "", "| Stage | seconds |", "|:--|--:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in stage_times.items()]
+    lines += ["", f"Total: {sum(stage_times.values()) / 60:.1f} min", "",
+              "![cases: CXR | global | local | fused | ground truth](demo_figure.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / "report.json", json.dumps(
+        {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},
+         "times": t, "stage_times": stage_times}, indent=2, default=float))

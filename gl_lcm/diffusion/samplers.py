@@ -1,0 +1,224 @@
+"""Reverse-diffusion sampling loops (LCM, DDIM, DDPM) over a model callable.
+
+``model_fn(x_t, t) -> output``: x_t is B x C x h x w, t a LongTensor (B,); the output has x_t's shape
+and is interpreted by ``prediction_type``. Conditioning (e.g. the CXR latent concatenated to x_t) is
+closed over by the callable, so these loops stay condition-agnostic. ``clip_range_fn(j)`` gives the
+x0 clamp half-width at sampling step j (0 = first, noisiest step): None, a float, or a (B,) tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .lcm import LCMScheduler, clamp_per_sample
+from .schedule import alphas_cumprod_from_betas, predict_x0_and_eps, randn_like
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+ClipRangeFn = Callable[[int], "Tensor | float | None"]
+
+
+def _timestep_batch(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def _maybe_clip(x0: Tensor, clip_range_fn: ClipRangeFn | None, step_index: int) -> tuple[Tensor, bool]:
+    clip_range = clip_range_fn(step_index) if clip_range_fn is not None else None
+    if clip_range is None:
+        return x0, False
+    return clamp_per_sample(x0, clip_range), True
+
+
+def sample_lcm(
+    model_fn: ModelFn,
+    scheduler: LCMScheduler,
+    x_T: Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    clip_range_fn: ClipRangeFn | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Multistep LCM sampling: ``num_steps`` consistency evaluations with noise re-injection between them.
+
+    The model output is interpreted with ``scheduler.prediction_type``. To run GL-LCM's global and local
+    paths together, stack them in the batch and return per-sample (B,) ranges from ``clip_range_fn``.
+
+    Args:
+        x_T: initial noise, B x C x h x w (standard normal).
+        num_steps: number of LCM steps (1 .. scheduler.original_inference_steps).
+        generator: RNG for the re-injected noise.
+
+    Returns:
+        The final denoised latent, B x C x h x w.
+    """
+    scheduler.set_timesteps(num_steps, device=x_T.device)
+    x = x_T
+    denoised = x_T
+    for step_index, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="LCM", disable=not progress)):
+        model_output = model_fn(x, _timestep_batch(t, x))
+        clip_range = clip_range_fn(step_index) if clip_range_fn is not None else None
+        out = scheduler.step(model_output, t, x, generator=generator, clip_range=clip_range)
+        x, denoised = out.prev_sample, out.denoised
+    return denoised
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
+    """DDIM "leading" spacing with steps_offset 0 (diffusers' DDIMScheduler default).
+
+    ``k = T // num_steps``; timesteps ``[(n-1)k, ..., k, 0]`` (descending, int64, always ending at 0);
+    each step goes from t to t - k, and from 0 to the clean sample (alpha_bar_prev = 1).
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    step_ratio = num_train_timesteps // num_steps
+    return (np.arange(0, num_steps) * step_ratio)[::-1].astype(np.int64).copy()
+
+
+def ddim_step(
+    x_t: Tensor,
+    eps: Tensor | None,
+    x0: Tensor,
+    alpha_bar_t: Tensor | float,
+    alpha_bar_prev: Tensor | float,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One DDIM update (Song et al. 2021, eq. 12) from x_t to x_prev.
+
+    ``sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``;
+    ``x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * noise``.
+
+    Args:
+        x_t: current sample B x C x h x w; only used when ``eps`` is None, in which case eps is re-derived
+            from x_t and x0: ``eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t)`` (consistent with a clipped x0).
+        eps, x0: predicted noise and clean sample, shaped like x_t.
+        alpha_bar_t, alpha_bar_prev: floats, 0-d tensors or tensors broadcastable to x_t (e.g. B x 1 x 1 x 1).
+        eta: 0 gives the deterministic DDIM ODE step; 1 gives DDPM-like ancestral variance.
+        noise: standard normal, shaped like x_t; required when eta > 0.
+
+    Returns:
+        x_prev shaped like x_t.
+    """
+    alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=x0.dtype, device=x0.device)
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=x0.dtype, device=x0.device)
+    if eps is None:
+        eps = (x_t - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+    sigma = eta * variance**0.5
+    x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def sample_ddim(
+    model_fn: ModelFn,
+    alphas_cumprod: Tensor,
+    x_T: Tensor,
+    num_steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+    clip_range_fn: ClipRangeFn | None = None,
+    progress: bool = False,
+    use_clipped_model_output: bool = False,
+) -> Tensor:
+    """DDIM sampling with "leading" timestep spacing (see :func:`ddim_timesteps`), final alpha_bar 1.
+
+    Matches diffusers' DDIMScheduler (set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading").
+    When x0 is clipped, eps is kept as predicted (diffusers' default) unless
+    ``use_clipped_model_output`` re-derives it from the clipped x0.
+
+    Args:
+        alphas_cumprod: (T,).
+        x_T: initial noise B x C x h x w.
+        eta: DDIM stochasticity; > 0 draws noise from ``generator`` after each model call.
+
+    Returns:
+        The final sample x_0, B x C x h x w.
+    """
+    timesteps = ddim_timesteps(alphas_cumprod.shape[0], num_steps)
+    step_ratio = alphas_cumprod.shape[0] // num_steps
+    alphas_cumprod = alphas_cumprod.to(device=x_T.device, dtype=x_T.dtype)
+    x = x_T
+    for step_index, t in enumerate(tqdm(timesteps.tolist(), desc="DDIM", disable=not progress)):
+        model_output = model_fn(x, _timestep_batch(t, x))
+        x0, eps = predict_x0_and_eps(model_output, x, t, alphas_cumprod, prediction_type)
+        x0, clipped = _maybe_clip(x0, clip_range_fn, step_index)
+        prev_t = t - step_ratio
+        alpha_bar_t = alphas_cumprod[t]
+        alpha_bar_prev = alphas_cumprod[prev_t] if prev_t >= 0 else torch.ones_like(alpha_bar_t)
+        noise = randn_like(model_output, generator) if eta > 0 else None
+        x = ddim_step(
+            x, None if (clipped and use_clipped_model_output) else eps, x0, alpha_bar_t, alpha_bar_prev, eta, noise
+        )
+    return x
+
+
+def ddpm_step(
+    x_t: Tensor,
+    x0: Tensor,
+    alpha_bar_t: Tensor | float,
+    alpha_bar_prev: Tensor | float,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One ancestral DDPM step (Ho et al. 2020) from the posterior q(x_prev | x_t, x0), "fixed_small" variance.
+
+    With ``a_t = alpha_bar_t``, ``a_p = alpha_bar_prev``, ``beta = 1 - a_t / a_p``:
+    ``mean = sqrt(a_p) * beta / (1 - a_t) * x0 + sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * x_t``,
+    ``var = (1 - a_p) / (1 - a_t) * beta`` (clamped to >= 1e-20); returns ``mean + sqrt(var) * noise``
+    (just the mean when ``noise`` is None, as on the last step t = 0).
+
+    Shapes: x_t, x0, noise B x C x h x w; alphas floats/tensors broadcastable to them.
+    """
+    alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=x0.dtype, device=x0.device)
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=x0.dtype, device=x0.device)
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    beta_t = 1 - alpha_t
+    mean = (alpha_bar_prev**0.5 * beta_t) / (1 - alpha_bar_t) * x0 + alpha_t**0.5 * (1 - alpha_bar_prev) / (
+        1 - alpha_bar_t
+    ) * x_t
+    if noise is None:
+        return mean
+    variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t, min=1e-20)
+    return mean + variance**0.5 * noise
+
+
+def sample_ddpm(
+    model_fn: ModelFn,
+    betas: Tensor,
+    x_T: Tensor,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+    clip_range_fn: ClipRangeFn | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Ancestral DDPM sampling over all T training timesteps (the BS-LDM baseline sampler).
+
+    Matches diffusers' DDPMScheduler (variance_type "fixed_small") step for step; noise for t > 0 is
+    drawn from ``generator`` after each model call. Step index j for ``clip_range_fn`` is 0 at t = T-1.
+
+    Args:
+        betas: (T,).
+        x_T: initial noise B x C x h x w.
+
+    Returns:
+        The final sample x_0, B x C x h x w.
+    """
+    alphas_cumprod = alphas_cumprod_from_betas(betas.to(torch.float32)).to(device=x_T.device, dtype=x_T.dtype)
+    num_train_timesteps = alphas_cumprod.shape[0]
+    x = x_T
+    timesteps = range(num_train_timesteps - 1, -1, -1)
+    for step_index, t in enumerate(tqdm(timesteps, desc="DDPM", disable=not progress)):
+        model_output = model_fn(x, _timestep_batch(t, x))
+        x0, _ = predict_x0_and_eps(model_output, x, t, alphas_cumprod, prediction_type)
+        x0, _ = _maybe_clip(x0, clip_range_fn, step_index)
+        alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.ones_like(alphas_cumprod[0])
+        noise = randn_like(model_output, generator) if t > 0 else None
+        x = ddpm_step(x, x0, alphas_cumprod[t], alpha_bar_prev, noise)
+    return x

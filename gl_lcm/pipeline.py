@@ -1,0 +1,241 @@
+"""GL-LCM inference: segment -> encode -> dual-path sample -> decode -> fuse.
+
+Dual-path sampling (``dual_path_sample``): the global path [z, E(cxr)] and the local path
+[z, E(masked cxr)] start from the same initial noise; at each LCM step both go through the
+UNet in ONE batched forward pass (2B samples), the local prediction is guided
+(vanilla / CFG / LEG, gl_lcm.diffusion.guidance), and one scheduler step with a per-sample
+clip range (global omega vs local omega, growing by b per step) advances both paths.
+
+Every random number of image i comes from its own generator (seeded from the config seed
+and the file name), so a result does not depend on batch size or order.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from gl_lcm.config import Config
+from gl_lcm.data.datasets import masked
+from gl_lcm.diffusion.guidance import apply_guidance
+from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
+from gl_lcm.diffusion.samplers import sample_ddim, sample_ddpm, sample_lcm
+from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas
+from gl_lcm.fusion import fuse
+from gl_lcm.utils.seeding import derive_seed, make_generator
+
+
+def make_scheduler(cfg: Config) -> LCMScheduler:
+    """LCMScheduler for the configured noise schedule and prediction type."""
+    d = cfg.diffusion
+    return LCMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                        beta_schedule=d.beta_schedule, original_inference_steps=cfg.lcm.original_inference_steps,
+                        prediction_type=d.prediction_type, timestep_scaling=cfg.lcm.timestep_scaling)
+
+
+def image_generators(seed: int, names: Sequence[str]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, file name)."""
+    return [make_generator(derive_seed(seed, "image", n)) for n in names]
+
+
+def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
+    """len(gens) x *shape standard normal, row i drawn from gens[i] (on the CPU, then moved)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+
+
+def _clip_fn(cfg: Config, omegas: torch.Tensor) -> Optional[Callable[[int], torch.Tensor]]:
+    if not cfg.lcm.dynamic_clip:
+        return None
+    return lambda j: torch.stack([torch.tensor(dynamic_clip_range(j, float(o), cfg.lcm.clip_b)) for o in omegas])
+
+
+@torch.no_grad()
+def sample_latents(model, cond: torch.Tensor, cfg: Config, num_steps: int, generator=None, sampler: str = "lcm",
+                   clip_omega: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+                   progress: bool = False) -> torch.Tensor:
+    """Single-path sampling (baselines, validation): B x C x h x w latent conditioned on ``cond``.
+
+    sampler 'lcm' (``num_steps`` LCM steps), 'ddim' (eta 0) or 'ddpm' (all T ancestral steps).
+    Dynamic clipping with base ``clip_omega`` when lcm.dynamic_clip is on.
+    """
+    x_T = noise if noise is not None else torch.randn(cond.shape, generator=generator).to(cond.device)
+    fn = lambda x, t: model(x, t, cond)
+    omega = cfg.lcm.global_omega if clip_omega is None else clip_omega
+    clip = (lambda j: dynamic_clip_range(j, omega, cfg.lcm.clip_b)) if cfg.lcm.dynamic_clip else None
+    if sampler == "lcm":
+        return sample_lcm(fn, make_scheduler(cfg), x_T, num_steps, generator=generator, clip_range_fn=clip,
+                          progress=progress)
+    d = cfg.diffusion
+    betas = make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
+    if sampler == "ddim":
+        return sample_ddim(fn, alphas_cumprod_from_betas(betas), x_T, num_steps, eta=0.0, generator=generator,
+                           prediction_type=d.prediction_type, clip_range_fn=clip, progress=progress)
+    if sampler == "ddpm":
+        return sample_ddpm(fn, betas, x_T, generator=generator, prediction_type=d.prediction_type,
+                           clip_range_fn=clip, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; valid: lcm, ddim, ddpm")
+
+
+@torch.no_grad()
+def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor, cfg: Config, num_steps: int,
+                     gens: Sequence[torch.Generator], guidance_mode: Optional[str] = None,
+                     guidance_alpha: Optional[float] = None, batched: bool = True,
+                     rebuild_scheduler: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GL-LCM dual-path LCM sampling. Returns (z_global, z_local), each B x C x h x w.
+
+    cond_*: B x C x h x w scaled latents of the CXR and of the lung-masked CXR.
+    gens: one generator per image (initial noise, LEG noise and re-injected noise per step).
+    batched: both paths in one UNet call (default); False makes two calls per step (the
+    published implementation's way; same result for the same noise).
+    rebuild_scheduler: construct a fresh scheduler every step to change its clip range, as the
+    published code did (for benchmarks only; the result is the same).
+    """
+    mode = guidance_mode or cfg.guidance.mode
+    alpha = cfg.guidance.alpha if guidance_alpha is None else guidance_alpha
+    b, device = cond_global.shape[0], cond_global.device
+    latent_shape = cond_global.shape[1:]
+    x_T = randn_per_image(gens, latent_shape, device)
+    x = torch.cat([x_T, x_T])  # both paths start from the same noise
+    cond = torch.cat([cond_global, cond_local])
+    omegas = torch.tensor([cfg.lcm.global_omega] * b + [cfg.lcm.local_omega] * b)
+    clip_fn = _clip_fn(cfg, omegas)
+    scheduler = make_scheduler(cfg)
+    scheduler.set_timesteps(num_steps, device=device)
+    timesteps = scheduler.timesteps.tolist()
+    denoised = x
+    from tqdm import tqdm
+
+    for j, t in enumerate(tqdm(timesteps, desc="dual-path LCM", disable=not progress, leave=False)):
+        t_batch = torch.full((2 * b,), t, device=device, dtype=torch.long)
+        if batched:
+            out = model(x, t_batch, cond)
+        else:
+            out = torch.cat([model(x[:b], t_batch[:b], cond[:b]), model(x[b:], t_batch[b:], cond[b:])])
+        eps_global, eps_local = out[:b], out[b:]
+        leg_noise = randn_per_image(gens, latent_shape, device) if mode == "leg" else None
+        eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
+        step_noise = torch.cat([randn_per_image(gens, latent_shape, device), randn_per_image(gens, latent_shape, device)])
+        clip = clip_fn(j) if clip_fn is not None else None
+        if rebuild_scheduler:
+            fresh = make_scheduler(cfg)
+            fresh.set_timesteps(num_steps, device=device)
+            fresh.set_begin_index(j)  # the published code rebuilt its scheduler at every step
+            scheduler = fresh
+        step = scheduler.step(torch.cat([eps_global, eps_local]), t, x, clip_range=clip, noise=step_noise)
+        x, denoised = step.prev_sample, step.denoised
+    return denoised[:b], denoised[b:]
+
+
+def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask) -> np.ndarray:
+    """fusion.fuse with the config's backend / feathering (feather scaled to the image size)."""
+    if mode == "poisson":
+        return fuse(mode, global_img, local_img, mask, backend="scipy" if cfg.fusion.backend == "float" else "opencv")
+    if mode == "alpha":
+        return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * global_img.shape[0] / 1024)
+    return fuse(mode, global_img, local_img, mask)
+
+
+@dataclass
+class GLLCMResult:
+    """Outputs for one image, H x W float arrays in [0, 1] at data.image_size."""
+
+    name: str
+    global_img: np.ndarray
+    local_img: np.ndarray
+    fused: np.ndarray
+    mask: np.ndarray
+    timings: dict = field(default_factory=dict)
+
+
+def _to01(x: torch.Tensor) -> np.ndarray:
+    return ((x[:, 0].float().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+
+
+def _resize(img: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarray:
+    if img.shape == (size, size):
+        return img.astype(np.float32)
+    return cv2.resize(img.astype(np.float32), (size, size), interpolation=interp)
+
+
+def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray):
+    """Published post-processing: zero where the CXR is 0 (outside the exposure), then shift the
+    local result so its mean inside the lung mask equals the global result's mean there."""
+    outside = cxr <= 0
+    g = np.where(outside, 0.0, global_img).astype(np.float32)
+    l = np.where(outside, 0.0, local_img).astype(np.float32)
+    m = mask.astype(bool)
+    if m.any():
+        l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)
+    return g, l
+
+
+class GLLCMPipeline:
+    """The method of the paper over trained parts: a VQGAN, a denoiser (teacher or student) and a config."""
+
+    def __init__(self, vqgan, unet, cfg: Config, device: torch.device):
+        self.vqgan, self.unet, self.cfg, self.device = vqgan, unet, cfg, device
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: Optional[str] = None) -> "GLLCMPipeline":
+        """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config."""
+        from gl_lcm.models.factory import load_denoiser, load_vqgan
+        from gl_lcm.utils.dist import resolve_device
+
+        device = resolve_device(cfg.device)
+        which = model or cfg.eval.model
+        path = getattr(cfg.checkpoints, which)
+        if not path:
+            raise ValueError(f"checkpoints.{which} is empty: set it to a trained {which} model.pt")
+        if not cfg.checkpoints.vqgan:
+            raise ValueError("checkpoints.vqgan is empty: set it to the trained VQGAN model.pt")
+        vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
+        unet, _ = load_denoiser(path, device)
+        return cls(vqgan, unet, cfg, device)
+
+    @torch.no_grad()
+    def run(self, names: Sequence[str], cxrs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+            num_steps: Optional[int] = None, guidance_mode: Optional[str] = None, fusion_mode: Optional[str] = None,
+            batched: bool = True) -> list[GLLCMResult]:
+        """Bone-suppress a batch. cxrs: H x W in [0, 1] (any size; resized to data.image_size);
+        masks: bool H x W lung masks of the same sizes. Results at data.image_size."""
+        cfg, dev = self.cfg, self.device
+        size = cfg.data.image_size
+        steps = num_steps or cfg.lcm.num_inference_steps
+        times: dict[str, float] = {}
+
+        def tick(stage: str, t0: float) -> float:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times[stage] = now - t0
+            return now
+
+        t0 = time.perf_counter()
+        cxr_s = [_resize(c, size) for c in cxrs]
+        mask_s = [_resize(m.astype(np.float32), size, cv2.INTER_NEAREST) > 0.5 for m in masks]
+        x = torch.from_numpy(np.stack(cxr_s))[:, None].to(dev) * 2 - 1
+        m = torch.from_numpy(np.stack(mask_s).astype(np.float32))[:, None].to(dev)
+        both = self.vqgan.encode(torch.cat([x, masked(x, m)]))
+        b = len(names)
+        t0 = tick("encode", t0)
+        gens = image_generators(cfg.seed, names)
+        z_g, z_l = dual_path_sample(self.unet, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
+                                    batched=batched)
+        t0 = tick("sampling", t0)
+        decoded = _to01(self.vqgan.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
+        t0 = tick("decode", t0)
+        results = []
+        mode = fusion_mode or cfg.fusion.mode
+        for i, name in enumerate(names):
+            g, l = postprocess_paths(cxr_s[i], decoded[i], decoded[b + i], mask_s[i])
+            fused = fuse_with_config(cfg, mode, g, l, mask_s[i])
+            results.append(GLLCMResult(name, g, l, np.clip(fused, 0, 1).astype(np.float32), mask_s[i]))
+        tick("fusion", t0)
+        per_image = {k: v / b for k, v in times.items()}
+        for r in results:
+            r.timings = dict(per_image)
+        return results

@@ -1,0 +1,209 @@
+"""VQGAN training task (losses and batches only; the loop is gl_lcm.train.loop) and evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gl_lcm.config import Config
+from gl_lcm.data.datasets import AutoencoderImages, pairs_for_split
+from gl_lcm.models.factory import build_discriminator, build_vqgan, load_vqgan
+from gl_lcm.train.loop import Trainer, TrainTask
+from gl_lcm.utils.atomic import atomic_write_text
+from gl_lcm.utils.plotting import save_grid
+
+
+def check_vqgan_config(cfg: Config) -> None:
+    """Fail before any work when the image size does not fit the number of downsamplings."""
+    factor = 2 ** len(cfg.vqgan.channels)
+    if cfg.data.image_size % factor:
+        raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by 2^{len(cfg.vqgan.channels)}="
+                         f"{factor} (one downsampling per entry of vqgan.channels)")
+
+
+def build_perceptual(cfg: Config, device: torch.device):
+    """LPIPS perceptual loss from local weights, or None with ONE clear warning when they are absent."""
+    if cfg.vqgan.perceptual_weight <= 0:
+        return None
+    from gl_lcm.losses import PerceptualLoss, WeightsNotFoundError
+
+    try:
+        return PerceptualLoss(net=cfg.vqgan.perceptual_net,
+                              trunk_weights_path=cfg.vqgan.perceptual_weights or None).to(device)
+    except WeightsNotFoundError as exc:
+        warnings.warn(f"perceptual loss disabled, training goes on without it: {exc}", stacklevel=2)
+        return None
+
+
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] measured in [0, 1]: B."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return -10 * torch.log10(mse)
+
+
+class VQGANTask(TrainTask):
+    name = "vqgan"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build(self, trainer: Trainer) -> None:
+        from gl_lcm.losses import VQGANLoss
+
+        cfg = self.cfg
+        check_vqgan_config(cfg)
+        self.trainer = trainer
+        self.vqgan = build_vqgan(cfg.vqgan)
+        self.disc = build_discriminator(cfg.vqgan)
+        train_pairs = pairs_for_split(cfg, "train")
+        self.train_set = AutoencoderImages(train_pairs, cfg.data.image_size)
+        if not self.train_set.with_mask and trainer.is_main:
+            warnings.warn("no lung masks found (data.mask_dir): training on CXR and soft tissue only", stacklevel=2)
+        val_pairs = pairs_for_split(cfg, "val")
+        val_set = AutoencoderImages(val_pairs, cfg.data.image_size)
+        # a fixed validation batch: the first images of each kind, spread over pairs
+        idx = list(range(0, len(val_set), max(1, len(val_set) // 8)))[:8]
+        self.val_batch = torch.stack([val_set[i]["image"] for i in idx])
+        self.val_set = val_set
+        self.perceptual = build_perceptual(cfg, trainer.device)
+        v = cfg.vqgan
+        self.loss = VQGANLoss(msssim_weight=v.msssim_weight, perceptual_weight=v.perceptual_weight,
+                              adversarial_weight=v.adversarial_weight,
+                              adversarial_start_step=v.adversarial_start_step, perceptual=self.perceptual)
+
+    def train_dataset(self):
+        return self.train_set
+
+    def modules(self):
+        return {"vqgan": self.vqgan, "disc": self.disc}
+
+    def inference_modules(self):
+        return ["vqgan"]
+
+    def optimizer_groups(self):
+        return {"vqgan": {"modules": ["vqgan"], "lr": self.cfg.train.lr},
+                "disc": {"modules": ["disc"], "lr": self.cfg.vqgan.disc_lr}}
+
+    def micro_step(self, batch, step, generator):
+        x = batch["image"]
+        # dead-code restarts draw from a CPU generator derived from this step's seed
+        restart_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        recon, quant_loss, info = self.trainer.net("vqgan")(x, generator=restart_gen)
+        adversarial_on = self.loss.adversarial_active(step)
+        # the generator's adversarial term goes through the bare discriminator with frozen weights,
+        # so its gradient reaches the generator only (never the discriminator's parameters)
+        logits_fake = None
+        if adversarial_on:
+            self.disc.requires_grad_(False)
+            logits_fake = self.disc(recon)
+            self.disc.requires_grad_(True)
+        total, logs = self.loss(x, recon, quant_loss, step, logits_fake=logits_fake)
+        if adversarial_on:
+            d_loss, d_logs = self.loss.discriminator_loss(self.trainer.net("disc"), x, recon)
+            total = total + d_loss
+            logs.update(d_logs)
+        logs["codebook_usage"] = float(info["used_fraction"])
+        logs["perplexity"] = float(info["perplexity"])
+        return total, logs
+
+    @torch.no_grad()
+    def validate(self, step, out_dir):
+        model = self.vqgan
+        x = self.val_batch.to(self.trainer.device)
+        recon = model.decode(model.encode(x)).clamp(-1, 1)
+        to01 = lambda t: ((t[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
+        rows = [[a, b, np.abs(a - b) * 4] for a, b in zip(to01(x), to01(recon))]
+        save_grid(out_dir / f"recon_step_{step:08d}.png", rows, labels=["input", "reconstruction", "|diff| x4"])
+        self.set_latent_scale()
+        return {"psnr": float(psnr_batch(recon, x).mean()), "latent_scale": float(model.latent_scale)}
+
+    @torch.no_grad()
+    def set_latent_scale(self, max_images: int = 64) -> None:
+        """latent_scale = 1 / std of the (unscaled) quantised latents of training images."""
+        from gl_lcm.models.vqgan import estimate_latent_scale
+
+        n = min(len(self.train_set), max_images)
+        idx = np.linspace(0, len(self.train_set) - 1, n).round().astype(int)
+        images = torch.stack([self.train_set[int(i)]["image"] for i in idx])
+        batches = [images[i:i + 8].to(self.trainer.device) for i in range(0, len(images), 8)]
+        self.vqgan.latent_scale.fill_(float(estimate_latent_scale(self.vqgan, batches)))
+
+    def extra_state(self):
+        return {"latent_scale": float(self.vqgan.latent_scale), "latent_channels": self.cfg.vqgan.embed_dim,
+                "downsample_factor": 2 ** len(self.cfg.vqgan.channels)}
+
+
+def train_vqgan(cfg: Config, resume: str = "auto", progress: bool = True) -> dict[str, float]:
+    """Train the VQGAN; writes <train.output_dir>/model.pt and checkpoints/, logs/, samples/."""
+    check_vqgan_config(cfg)
+    return Trainer(cfg, VQGANTask(cfg), resume=resume, progress=progress).fit()
+
+
+# ---------------------------------------------------------------------------- evaluation
+def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bicubic down-sampling by ``factor`` and back up: the no-learning reconstruction baseline."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(h // factor, w // factor), mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str] = None,
+                   out_dir: Optional[str] = None, progress: bool = True, batch_size: int = 8) -> dict[str, Any]:
+    """Reconstruct a split (CXR and BS images): PSNR, MS-SSIM (mean ± std), codebook usage, bicubic baseline."""
+    from gl_lcm.data.io import write_png
+    from gl_lcm.losses import ms_ssim
+    from gl_lcm.utils.dist import resolve_device
+
+    checkpoint = checkpoint or cfg.checkpoints.vqgan
+    if not checkpoint:
+        raise ValueError("no VQGAN checkpoint given: pass --checkpoint or set checkpoints.vqgan")
+    device = resolve_device(cfg.device)
+    model = load_vqgan(checkpoint, device)
+    factor = 2 ** model.num_downsamplings
+    pairs = pairs_for_split(cfg, split or "test")
+    data = AutoencoderImages(pairs, cfg.data.image_size)
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
+    rows = []
+    counts = torch.zeros(model.quantizer.codebook_size, dtype=torch.long)
+    for start in tqdm(range(0, len(data), batch_size), desc="eval-vqgan", disable=not progress):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        x = torch.stack([it["image"] for it in items]).to(device)
+        recon, _, info = model(x)
+        recon = recon.clamp(-1, 1)
+        counts += torch.bincount(info["indices"].flatten().cpu(), minlength=model.quantizer.codebook_size)
+        base = bicubic_baseline(x, factor)
+        p, pb = psnr_batch(recon, x), psnr_batch(base, x)
+        s = ms_ssim(recon, x, reduction="none")
+        for it, r, pi, pbi, si in zip(items, recon, p, pb, s):
+            write_png(out / it["kind"] / f"{it['stem']}.png", ((r[0].float().cpu().numpy() + 1) / 2).clip(0, 1))
+            rows.append({"stem": it["stem"], "kind": it["kind"], "psnr": float(pi), "ms_ssim": float(si),
+                         "psnr_bicubic": float(pbi)})
+    probs = counts.double() / counts.sum().clamp_min(1)
+    nz = probs[probs > 0]
+    summary = {
+        "checkpoint": str(checkpoint), "images": len(rows),
+        "psnr_mean": float(np.mean([r["psnr"] for r in rows])), "psnr_std": float(np.std([r["psnr"] for r in rows])),
+        "ms_ssim_mean": float(np.mean([r["ms_ssim"] for r in rows])),
+        "ms_ssim_std": float(np.std([r["ms_ssim"] for r in rows])),
+        "bicubic_psnr_mean": float(np.mean([r["psnr_bicubic"] for r in rows])),
+        "bicubic_psnr_std": float(np.std([r["psnr_bicubic"] for r in rows])),
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    header = "stem,kind,psnr,ms_ssim,psnr_bicubic\n"
+    atomic_write_text(out / "per_image.csv", header + "".join(
+        f"{r['stem']},{r['kind']},{r['psnr']:.4f},{r['ms_ssim']:.5f},{r['psnr_bicubic']:.4f}\n" for r in rows))
+    print(f"VQGAN reconstruction on {len(rows)} images: PSNR {summary['psnr_mean']:.2f} ± {summary['psnr_std']:.2f} dB "
+          f"(bicubic x{factor} baseline {summary['bicubic_psnr_mean']:.2f} ± {summary['bicubic_psnr_std']:.2f} dB), "
+          f"MS-SSIM {summary['ms_ssim_mean']:.4f} ± {summary['ms_ssim_std']:.4f}, "
+          f"codebook usage {100 * summary['codebook_usage']:.1f} %, perplexity {summary['perplexity']:.1f} -> {out}")
+    return summary
