@@ -1,7 +1,6 @@
 """Tests for gl_lcm.losses: MS-SSIM, LSGAN losses, LPIPS loading, VQGAN objective."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import pytorch_msssim
@@ -51,7 +50,7 @@ def test_ms_ssim_matches_pytorch_msssim(h, w):
     assert float(ms_ssim(x, y)) == pytest.approx(float(ref.mean()), abs=1e-4)
 
 
-@pytest.mark.parametrize("size", [32, 64, 128, 256])
+@pytest.mark.parametrize("size", [32, 64, 128])
 def test_ms_ssim_identity_is_one_and_noise_lowers_it(size):
     x, y = _pair(2, size, size, noise=0.2)
     assert float(ms_ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
@@ -97,7 +96,7 @@ def test_ms_ssim_small_image_matches_reduced_reference():
 def test_ms_ssim_gradient_finite_even_for_anticorrelated_images():
     x = _smooth_images(1, 64, 64, seed=5).requires_grad_(True)
     value = ms_ssim(x, -x.detach())
-    assert float(value) == pytest.approx(0.0, abs=1e-6)
+    assert float(value.detach()) == pytest.approx(0.0, abs=1e-6)
     value.backward()
     assert torch.isfinite(x.grad).all()
     x2, y2 = _pair(1, 64, 64, seed=6)
@@ -126,7 +125,7 @@ def _save_random_trunk(net: str, path) -> dict:
     return state
 
 
-@pytest.mark.parametrize("net", ["alex", "vgg"])
+@pytest.mark.parametrize("net", ["alex", pytest.param("vgg", marks=pytest.mark.slow)])
 def test_perceptual_loss_loads_local_trunk(tmp_path, net):
     path = tmp_path / "trunk.pth"
     state = _save_random_trunk(net, path)
@@ -188,15 +187,15 @@ class _L1Perceptual(torch.nn.Module):
 def test_vqgan_loss_total_is_weighted_sum_of_terms():
     x, y = _pair(2, 64, 64, seed=9)
     quant = torch.tensor(0.2)
-    disc = PatchDiscriminator(norm="none")
+    disc = PatchDiscriminator(base_channels=8, norm="none")
     loss_fn = VQGANLoss(perceptual=_L1Perceptual(), adversarial_start_step=10)
     total, terms = loss_fn(x, y, quant, global_step=10, discriminator=disc)
     mse = float(F.mse_loss(y, x))
     msssim_loss = 1 - float(ms_ssim(y, x))
     perceptual = float((y - x).abs().mean())
-    adv = float(((disc(y) - 1) ** 2).mean())
+    adv = float(((disc(y) - 1) ** 2).mean().detach())
     expected = mse + 0.2 + 1.0 * msssim_loss + 0.001 * perceptual + 0.01 * adv
-    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
     assert terms == pytest.approx(
         {"recon_mse": mse, "quant": 0.2, "msssim_loss": msssim_loss, "perceptual": perceptual,
          "adversarial": adv, "total": expected},
@@ -205,6 +204,7 @@ def test_vqgan_loss_total_is_weighted_sum_of_terms():
     assert all(isinstance(v, float) for v in terms.values())
     # the same with precomputed logits
     total2, _ = loss_fn(x, y, quant, global_step=10, logits_fake=disc(y))
+    total2 = total2.detach()
     assert float(total2) == pytest.approx(expected, rel=1e-5)
 
 
@@ -220,11 +220,11 @@ def test_vqgan_loss_before_adversarial_start_and_without_perceptual():
 
 def test_vqgan_discriminator_loss_published_scaling():
     x, y = _pair(2, 64, 64, seed=11)
-    disc = PatchDiscriminator(norm="none")
+    disc = PatchDiscriminator(base_channels=8, norm="none")
     y_grad = y.clone().requires_grad_(True)
     loss, info = VQGANLoss().discriminator_loss(disc, x, y_grad)
-    ref = 0.5 * (((disc(x) - 1) ** 2).mean() + (disc(y) ** 2).mean())
-    assert float(loss) == pytest.approx(0.01 * float(ref), rel=1e-5)
+    ref = 0.5 * (((disc(x) - 1) ** 2).mean() + (disc(y) ** 2).mean()).detach()
+    assert float(loss.detach()) == pytest.approx(0.01 * float(ref), rel=1e-5)
     assert info["disc_loss"] == pytest.approx(float(ref), rel=1e-5)
     loss.backward()
     assert y_grad.grad is None  # reconstruction is detached for the discriminator step

@@ -139,8 +139,8 @@ def _sample_anatomy(rng: np.random.Generator) -> Dict[str, float]:
     p["midline"] = 0.5 + rng.normal(0.0, 0.012)
     p["body_half_width"] = rng.uniform(0.40, 0.47)
     p["neck_half_width"] = rng.uniform(0.08, 0.11)
-    p["shoulder_v"] = rng.uniform(0.02, 0.08)
-    p["apex_v"] = rng.uniform(0.09, 0.16)
+    p["shoulder_v"] = rng.uniform(-0.02, 0.03)
+    p["apex_v"] = rng.uniform(0.11, 0.17)
     p["base_v"] = rng.uniform(0.70, 0.82)
     p["chest_wall"] = rng.uniform(0.035, 0.065)
     p["apex_offset"] = rng.uniform(0.10, 0.14)
@@ -157,7 +157,7 @@ def _sample_anatomy(rng: np.random.Generator) -> Dict[str, float]:
     p["body_level"] = rng.uniform(0.52, 0.68)
     p["mediastinum_gain"] = rng.uniform(0.12, 0.22)
     p["abdomen_gain"] = rng.uniform(0.12, 0.22)
-    p["lung_depth"] = rng.uniform(0.24, 0.36)
+    p["lung_depth"] = rng.uniform(0.26, 0.38)
     p["vessel_gain"] = rng.uniform(0.05, 0.10)
     p["rib_count"] = float(rng.integers(10, 13))
     p["rib_spacing"] = rng.uniform(0.052, 0.068)
@@ -165,7 +165,7 @@ def _sample_anatomy(rng: np.random.Generator) -> Dict[str, float]:
     p["rib_start_v"] = rng.uniform(0.07, 0.12)
     p["rib_fill"] = rng.uniform(0.07, 0.12)
     p["rib_edge"] = rng.uniform(0.05, 0.09)
-    p["anterior_gain"] = rng.uniform(0.3, 0.5)
+    p["anterior_gain"] = rng.uniform(0.5, 0.75)
     p["clavicle_v"] = rng.uniform(0.12, 0.19)
     p["clavicle_rise"] = rng.uniform(0.03, 0.07)
     p["spine_gain"] = rng.uniform(0.08, 0.14)
@@ -225,13 +225,13 @@ def _render_soft_tissue(rng: np.random.Generator, p: Dict[str, float], size: int
 
     # Body: neck widening into shoulders and torso; elliptical cross-section gives the
     # thickness (brighter in the middle, darker towards the skin line).
-    shoulder = _smoothstep((v - p["shoulder_v"]) / 0.14)
+    shoulder = _smoothstep((v - p["shoulder_v"]) / 0.09)
     half_width = p["neck_half_width"] + (p["body_half_width"] - p["neck_half_width"]) * shoulder
     rel = np.clip(np.abs(u - cx) / half_width, 0.0, 1.0)
     thickness = np.sqrt(np.clip(1.0 - rel**2, 0.0, 1.0))
     body = (np.abs(u - cx) < half_width).astype(np.float32)
     body_soft = _blur(body, 1.0 * size / 256)
-    soft = p["air_level"] + (p["body_level"] - p["air_level"]) * body_soft * (0.55 + 0.45 * thickness**0.6)
+    soft = p["air_level"] + (p["body_level"] - p["air_level"]) * body_soft * (0.72 + 0.28 * thickness**0.4)
 
     # Lungs.
     lung_canvas = np.zeros((size, size), np.uint8)
@@ -257,12 +257,14 @@ def _render_soft_tissue(rng: np.random.Generator, p: Dict[str, float], size: int
         hilum = np.array([cx + side * (p["mediastinum_bottom"] + 0.02), p["apex_v"] + 0.45 * (p["base_v"] - p["apex_v"])])
         for base_angle in (-1.9, -1.2, -0.6, 0.0, 0.5, 1.1):
             angle = base_angle if side > 0 else np.pi - base_angle
-            for p0, p1, gen in _vessel_segments(rng, hilum, angle + rng.normal(0, 0.15), rng.uniform(0.05, 0.08), 4):
-                thick = max(1, int(round((0.008 - 0.0016 * gen) * size)))
+            for p0, p1, gen in _vessel_segments(rng, hilum, angle + rng.normal(0, 0.15), rng.uniform(0.045, 0.07), 5):
+                thick = max(1, int(round((0.007 - 0.0013 * gen) * size)))
                 cv2.line(vessels, tuple(int(c) for c in np.round(p0 * size * 16)),
-                         tuple(int(c) for c in np.round(p1 * size * 16)), int(255 - 40 * gen), thick, cv2.LINE_AA, _SHIFT)
+                         tuple(int(c) for c in np.round(p1 * size * 16)), int(255 - 35 * gen), thick, cv2.LINE_AA, _SHIFT)
     vessel_img = _blur(vessels.astype(np.float32) / 255.0, 0.7 * size / 256)
-    soft = soft + p["vessel_gain"] * vessel_img * lung_soft
+    # Fine interstitial texture: band-pass noise (a few pixels at 256) inside the lungs.
+    fine = _smooth_noise(rng, size, 48) - _blur(_smooth_noise(rng, size, 48), 2.0 * size / 256)
+    soft = soft + (p["vessel_gain"] * vessel_img + 0.012 * fine) * lung_soft
 
     # Mediastinum, heart and the trachea.
     frac = np.clip((v - p["apex_v"]) / (p["base_v"] - p["apex_v"]), 0.0, 1.0)
@@ -314,8 +316,8 @@ def _render_bone(rng: np.random.Generator, p: Dict[str, float], size: int) -> np
         for k in range(n_ribs):
             start_v = p["rib_start_v"] + k * p["rib_spacing"] * rng.uniform(0.96, 1.04)
             reach = lateral * min(1.0, 0.5 + 0.17 * k) * rng.uniform(0.97, 1.03)
-            rise = rng.uniform(0.02, 0.04)
-            drop = rng.uniform(0.06, 0.10) * min(1.0, 0.6 + 0.1 * k)
+            rise = rng.uniform(0.025, 0.045)
+            drop = rng.uniform(0.10, 0.15) * min(1.0, 0.5 + 0.1 * k)
             # Posterior rib: leaves the spine, rises slightly, sweeps laterally and curves down the wall.
             centre = np.stack([cx + side * (0.025 + (reach - 0.025) * np.sin(0.5 * np.pi * t)),
                                start_v - rise * np.sin(np.pi * t) + drop * t**3], axis=1)
@@ -323,14 +325,16 @@ def _render_bone(rng: np.random.Generator, p: Dict[str, float], size: int) -> np
             poly, edge_a, edge_b = _band_outline(centre, 0.5 * width)
             post_polys.append(poly)
             post_edges += [edge_a, edge_b]
-            # Anterior rib: from the lateral end, running down and towards the sternum.
-            end = centre[-1]
-            span = rng.uniform(0.18, 0.26)
-            fall = rng.uniform(0.08, 0.13)
-            ant_centre = np.stack([end[0] - side * span * t, end[1] + fall * (t + 0.3 * np.sin(np.pi * t))], axis=1)
-            ant_poly, ant_a, ant_b = _band_outline(ant_centre, 0.5 * p["rib_width"] * 1.15 * np.ones_like(t))
-            ant_polys.append(ant_poly)
-            ant_edges += [ant_a, ant_b]
+            # Anterior rib (upper ribs only; the lower ones hide under the diaphragm): from the
+            # lateral end it arcs down and towards the sternum, concave upwards.
+            if k < n_ribs - 3:
+                end = centre[-1]
+                span = abs(end[0] - cx) - rng.uniform(0.06, 0.10)
+                fall = rng.uniform(0.10, 0.15)
+                ant_centre = np.stack([end[0] - side * span * np.sin(0.5 * np.pi * t), end[1] + fall * t**0.7], axis=1)
+                ant_poly, ant_a, ant_b = _band_outline(ant_centre, 0.5 * p["rib_width"] * 1.2 * np.ones_like(t))
+                ant_polys.append(ant_poly)
+                ant_edges += [ant_a, ant_b]
         # Clavicle: gentle S from the sternal notch up and out to the shoulder.
         clav_len = rng.uniform(0.28, 0.35)
         clav_centre = np.stack([cx + side * (0.03 + clav_len * t),
@@ -346,7 +350,7 @@ def _render_bone(rng: np.random.Generator, p: Dict[str, float], size: int) -> np
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     u = np.broadcast_to(coords[None, :], (size, size))
     # Anterior ribs fade out medially (costal cartilage is radiolucent).
-    ant_fade = np.clip((np.abs(u - cx) - 0.08) / 0.12, 0.0, 1.0)
+    ant_fade = np.clip((np.abs(u - cx) - 0.07) / 0.2, 0.0, 1.0)
     bone = (p["rib_fill"] * post_fill + p["rib_edge"] * post_edge) / 255.0
     bone = bone + p["anterior_gain"] * ant_fade * (p["rib_fill"] * ant_fill + 0.5 * p["rib_edge"] * ant_edge) / 255.0
     bone = bone + (1.3 * p["rib_fill"] * clav_fill + p["rib_edge"] * clav_edge) / 255.0
@@ -369,7 +373,10 @@ def _render_bone(rng: np.random.Generator, p: Dict[str, float], size: int) -> np
         cv2.ellipse(spine_fill, spinous, (int(round(0.15 * half_w * size * 16)), int(round(0.4 * height * size * 16))),
                     0, 0, 360, 255, -1, cv2.LINE_AA, _SHIFT)
         v_pos += height + rng.uniform(0.006, 0.010)
-    bone = bone + p["spine_gain"] * (0.8 * spine_fill + 0.6 * spine_edge) / 255.0
+    # The spine is seen through the mediastinum and abdomen: fainter lower down.
+    v_col = np.broadcast_to(coords[:, None], (size, size))
+    spine_fade = 1.0 - 0.4 * np.clip((v_col - 0.5) / 0.5, 0.0, 1.0)
+    bone = bone + p["spine_gain"] * spine_fade * (0.6 * spine_fill + 0.6 * spine_edge) / 255.0
     bone = bone * rng.uniform(0.85, 1.15)
     return _blur(bone.astype(np.float32), 0.5 * size / 256)
 

@@ -28,8 +28,8 @@ def check_vqgan_config(cfg: Config) -> None:
                          f"{factor} (one downsampling per entry of vqgan.channels)")
 
 
-def build_perceptual(cfg: Config, device: torch.device):
-    """LPIPS perceptual loss from local weights, or None with ONE clear warning when they are absent."""
+def build_perceptual(cfg: Config, device: torch.device, warn: bool = True):
+    """LPIPS perceptual loss from local weights, or None with ONE clear warning (rank 0) when absent."""
     if cfg.vqgan.perceptual_weight <= 0:
         return None
     from gl_lcm.losses import PerceptualLoss, WeightsNotFoundError
@@ -38,7 +38,8 @@ def build_perceptual(cfg: Config, device: torch.device):
         return PerceptualLoss(net=cfg.vqgan.perceptual_net,
                               trunk_weights_path=cfg.vqgan.perceptual_weights or None).to(device)
     except WeightsNotFoundError as exc:
-        warnings.warn(f"perceptual loss disabled, training goes on without it: {exc}", stacklevel=2)
+        if warn:
+            warnings.warn(f"perceptual loss disabled, training goes on without it: {exc}", stacklevel=2)
         return None
 
 
@@ -72,7 +73,7 @@ class VQGANTask(TrainTask):
         idx = list(range(0, len(val_set), max(1, len(val_set) // 8)))[:8]
         self.val_batch = torch.stack([val_set[i]["image"] for i in idx])
         self.val_set = val_set
-        self.perceptual = build_perceptual(cfg, trainer.device)
+        self.perceptual = build_perceptual(cfg, trainer.device, warn=trainer.is_main)
         v = cfg.vqgan
         self.loss = VQGANLoss(msssim_weight=v.msssim_weight, perceptual_weight=v.perceptual_weight,
                               adversarial_weight=v.adversarial_weight,

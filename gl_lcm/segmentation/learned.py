@@ -1,0 +1,148 @@
+"""Lung masks from a trained segmentation network or from a folder, and the single entry point.
+
+``segment_lungs(image01, method, ...)`` dispatches on ``method``:
+
+- ``"classical"``: training-free image processing (:mod:`gl_lcm.segmentation.classical`);
+- ``"unet"``: a segmentation net (any ``nn.Module`` mapping B x 1 x H x W in [-1, 1] to
+  logits, e.g. :class:`gl_lcm.models.segnet.LungSegNet`), as in the published pipeline;
+- ``"folder"``: precomputed masks ``<mask_dir>/<stem>.png`` (e.g. a dataset's ``Mask/``).
+
+All three return a bool H x W mask after the same post-processing and raise
+:class:`~gl_lcm.segmentation.postprocess.NoLungFoundError` when no plausible lung is found.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from gl_lcm.segmentation.classical import segment_lungs_classical
+from gl_lcm.segmentation.postprocess import postprocess_mask
+
+PathLike = Union[str, os.PathLike]
+SEGMENTATION_METHODS: Tuple[str, ...] = ("classical", "unet", "folder")
+MASK_EXTENSIONS: Tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _check_image(image01: np.ndarray) -> np.ndarray:
+    image = np.asarray(image01, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"image must be a 2-D H x W array in [0, 1], got shape {image.shape}")
+    return image
+
+
+@torch.no_grad()
+def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: int = 256,
+                             device: Union[str, torch.device] = "cpu") -> np.ndarray:
+    """Lung probability map from a segmentation net.
+
+    Args:
+        model: ``nn.Module`` taking B x 1 x S x S in [-1, 1] and returning B x 1 x S x S logits.
+        image01: H x W float image in [0, 1].
+        image_size: the net's input side S (the image is resized to S x S, area interpolation).
+        device: where to run the net (the model is expected to live there already).
+
+    Returns:
+        H x W float32 probabilities in [0, 1] (sigmoid of the logits, resized back bilinearly).
+    """
+    image = _check_image(image01)
+    height, width = image.shape
+    small = cv2.resize(image, (int(image_size), int(image_size)), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(small * 2.0 - 1.0)[None, None].to(device)
+    param = next(model.parameters(), None)
+    if param is not None and param.is_floating_point():
+        x = x.to(param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x)
+    finally:
+        model.train(was_training)
+    if logits.shape[-2:] != (image_size, image_size) or logits.shape[:2] != (1, 1):
+        raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected (1, 1, {image_size}, {image_size})")
+    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int = 256,
+                          device: Union[str, torch.device] = "cpu", *, name: Optional[str] = None,
+                          min_area: Optional[int] = None) -> np.ndarray:
+    """Lung mask from a segmentation net: resize, sigmoid, resize back, threshold 0.5, post-process.
+
+    Args:
+        model, image01, image_size, device: as :func:`predict_lung_probability`.
+        name: image name for error messages.
+        min_area: small-component override (default 100 px at 1024^2, scaled).
+
+    Returns:
+        bool H x W mask. Raises NoLungFoundError for an empty or implausibly small mask.
+    """
+    prob = predict_lung_probability(model, image01, image_size, device)
+    return postprocess_mask(prob, threshold=0.5, min_area=min_area, name=name)
+
+
+def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Read the precomputed lung mask ``<folder>/<stem>.<ext>`` (nonzero = lung) as bool.
+
+    Args:
+        folder: folder of mask images (PNG 0/255 or 0/1; also BMP, TIFF, JPEG).
+        stem: file name without extension (the image's stem).
+        shape: (H, W) to resize to (nearest neighbour) when the mask size differs.
+
+    Raises:
+        FileNotFoundError: naming the folder, the stem and the extensions tried.
+        ValueError: the file exists but cannot be decoded.
+    """
+    folder = Path(folder)
+    stem = Path(stem).stem if Path(stem).suffix.lower() in MASK_EXTENSIONS else str(stem)
+    candidates = [folder / f"{stem}{ext}" for ext in MASK_EXTENSIONS]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no lung mask for {stem!r} in {folder} (looked for {folder / stem}"
+                                f"{{{','.join(MASK_EXTENSIONS)}}})")
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise ValueError(f"cannot decode lung mask {path}")
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    mask_bool = mask > 0
+    if shape is not None and tuple(mask_bool.shape) != tuple(shape[:2]):
+        resized = cv2.resize(mask_bool.astype(np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST)
+        mask_bool = resized > 0
+    return mask_bool
+
+
+def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module] = None,
+                  mask_dir: Optional[PathLike] = None, name: Optional[str] = None, min_area: Optional[int] = None,
+                  image_size: int = 256, device: Union[str, torch.device] = "cpu") -> np.ndarray:
+    """Lung mask of one CXR by the chosen method.
+
+    Args:
+        image01: H x W float image in [0, 1] (bone bright).
+        method: "classical", "unet" (needs ``model``; ``image_size``/``device`` apply) or
+            "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file).
+        name: image name (file name or stem) for the folder lookup and error messages.
+        min_area: small-component override of the post-processing.
+
+    Returns:
+        bool H x W mask. Raises NoLungFoundError when no plausible lung is found,
+        ValueError for an unknown method or missing arguments.
+    """
+    image = _check_image(image01)
+    if method == "classical":
+        return segment_lungs_classical(image, name=name, min_area=min_area)
+    if method == "unet":
+        if model is None:
+            raise ValueError("segmentation method 'unet' needs a model")
+        return segment_lungs_learned(model, image, image_size, device, name=name, min_area=min_area)
+    if method == "folder":
+        if mask_dir is None or name is None:
+            raise ValueError("segmentation method 'folder' needs mask_dir and name (the image stem)")
+        mask = load_masks_from_folder(mask_dir, Path(name).stem, image.shape)
+        return postprocess_mask(mask, min_area=min_area, name=name)
+    raise ValueError(f"unknown segmentation method {method!r}; valid: {', '.join(SEGMENTATION_METHODS)}")
