@@ -88,7 +88,9 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     """GL-LCM dual-path LCM sampling. Returns (z_global, z_local), each B x C x h x w.
 
     cond_*: B x C x h x w scaled latents of the CXR and of the lung-masked CXR.
-    gens: one generator per image (initial noise, LEG noise and re-injected noise per step).
+    gens: one generator per image (initial noise and re-injected noise per step); LEG noise comes
+    from a second generator per image derived from it, so the global path does not depend on
+    the guidance mode.
     batched: both paths in one UNet call (default); False makes two calls per step (the
     published implementation's way; same result for the same noise).
     rebuild_scheduler: construct a fresh scheduler every step to change its clip range, as the
@@ -99,6 +101,7 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     b, device = cond_global.shape[0], cond_global.device
     latent_shape = cond_global.shape[1:]
     x_T = randn_per_image(gens, latent_shape, device)
+    leg_gens = [make_generator(derive_seed(g.initial_seed(), "leg")) for g in gens]
     x = torch.cat([x_T, x_T])  # both paths start from the same noise
     cond = torch.cat([cond_global, cond_local])
     omegas = torch.tensor([cfg.lcm.global_omega] * b + [cfg.lcm.local_omega] * b)
@@ -116,7 +119,7 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
         else:
             out = torch.cat([model(x[:b], t_batch[:b], cond[:b]), model(x[b:], t_batch[b:], cond[b:])])
         eps_global, eps_local = out[:b], out[b:]
-        leg_noise = randn_per_image(gens, latent_shape, device) if mode == "leg" else None
+        leg_noise = randn_per_image(leg_gens, latent_shape, device) if mode == "leg" else None
         eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
         step_noise = torch.cat([randn_per_image(gens, latent_shape, device), randn_per_image(gens, latent_shape, device)])
         clip = clip_fn(j) if clip_fn is not None else None
@@ -165,11 +168,13 @@ def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.nda
     """Published post-processing: zero where the CXR is 0 (outside the exposure), then shift the
     local result so its mean inside the lung mask equals the global result's mean there."""
     outside = cxr <= 0
-    g = np.where(outside, 0.0, global_img).astype(np.float32)
-    l = np.where(outside, 0.0, local_img).astype(np.float32)
     m = mask.astype(bool)
+    g = global_img.astype(np.float32)
+    l = local_img.astype(np.float32)
     if m.any():
         l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)
+    g = np.where(outside, 0.0, g).astype(np.float32)
+    l = np.where(outside, 0.0, l).astype(np.float32)
     return g, l
 
 

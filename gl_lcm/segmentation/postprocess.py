@@ -130,5 +130,5 @@ def mask_overlay(image01: np.ndarray, mask: np.ndarray, color: tuple = (0, 255, 
     if thickness is None:
         thickness = max(1, int(round(image.shape[0] / 256)))
     contours, _ = cv2.findContours(mask_bool.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(overlay, contours, -1, tuple(int(c) for c in color), thickness, cv2.LINE_AA)
+    cv2.drawContours(overlay, contours, -1, tuple(int(c) for c in color), thickness, cv2.LINE_8)
     return overlay

@@ -1,0 +1,192 @@
+"""GL-LCM inference: batched dual path == two calls per step, batch-size independence, guidance
+isolation, end to end on the three real 1024x1024 images, and bad inputs."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from gl_lcm.data.io import read_image, write_png
+from gl_lcm.data.phantom import write_phantom_dataset
+from gl_lcm.evaluate import evaluate_split, segment_path, suppress_path
+from gl_lcm.models.factory import load_denoiser, load_vqgan
+from gl_lcm.pipeline import GLLCMPipeline, dual_path_sample, image_generators, postprocess_paths
+
+from tiny_models import tiny_config, write_tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = tiny_config(["lcm.num_inference_steps=3"])
+    paths = write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), cfg)
+    unet, _ = load_denoiser(paths["teacher"])
+    return cfg, paths, unet
+
+
+def _conds(seed=0, b=3, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, size, size, generator=g), torch.randn(b, 4, size, size, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "cfg", "leg"])
+def test_batched_equals_two_calls_and_rebuilt_scheduler(tiny, mode):
+    cfg, _, unet = tiny
+    cg, cl = _conds()
+    names = ["a", "b", "c"]
+    ref = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode)
+    two = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode, batched=False)
+    rebuilt = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode, batched=False,
+                               rebuild_scheduler=True)
+    for a, b, c in zip(ref, two, rebuilt):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref[0], ref[1])  # the two paths really differ
+
+
+def test_results_do_not_depend_on_batch(tiny):
+    cfg, _, unet = tiny
+    cg, cl = _conds()
+    together = dual_path_sample(unet, cg, cl, cfg, 3, image_generators(7, ["a", "b", "c"]))
+    alone = dual_path_sample(unet, cg[1:2], cl[1:2], cfg, 3, image_generators(7, ["b"]))
+    torch.testing.assert_close(together[0][1:2], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1][1:2], alone[1], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_changes_local_path_only(tiny):
+    cfg, _, unet = tiny
+    cg, cl = _conds(b=2)
+    v = dual_path_sample(unet, cg, cl, cfg, 3, image_generators(0, ["a", "b"]), guidance_mode="vanilla")
+    leg = dual_path_sample(unet, cg, cl, cfg, 3, image_generators(0, ["a", "b"]), guidance_mode="leg")
+    torch.testing.assert_close(v[0], leg[0])
+    assert (v[1] - leg[1]).abs().max() > 1e-3
+
+
+def test_dynamic_clipping_bounds_latents(tiny):
+    cfg, _, unet = tiny
+    cfg = tiny_config(["lcm.global_omega=0.1", "lcm.local_omega=0.3", "lcm.clip_b=0.0"])
+    cg, cl = _conds(b=2)
+    zg, zl = dual_path_sample(unet, cg, cl, cfg, 1, image_generators(0, ["a", "b"]))
+    # one LCM step at t=999: denoised = c_out * clip(x0) + c_skip * x_t with c_skip ~ 0
+    assert zg.abs().max() <= 0.1 + 1e-3 and zl.abs().max() <= 0.3 + 1e-3 and zl.abs().max() > 0.1
+
+
+def test_postprocess_paths_zero_outside_exposure_and_mean_shift():
+    rng = np.random.default_rng(0)
+    cxr = rng.uniform(0.1, 1, (32, 32)).astype(np.float32)
+    cxr[:4] = 0
+    mask = np.zeros((32, 32), bool)
+    mask[10:20, 8:24] = True
+    g, l = postprocess_paths(cxr, np.full((32, 32), 0.5, np.float32), np.full((32, 32), 0.2, np.float32), mask)
+    assert (g[:4] == 0).all() and (l[:4] == 0).all()
+    assert l[mask].mean() == pytest.approx(g[mask].mean(), abs=1e-6)
+
+
+def _real_setup(szch_dir: Path, tmp_path: Path, paths: dict, cfg_extra=()):
+    cfg = tiny_config([f"data.root={szch_dir}", "data.mask_dir=", "data.image_size=1024",
+                       "metrics.image_size=1024", "metrics.lpips=false", "lcm.num_inference_steps=2",
+                       f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={paths['student']}",
+                       f"checkpoints.teacher={paths['teacher']}", f"eval.output_dir={tmp_path / 'eval'}",
+                       "eval.batch_size=2", *cfg_extra])
+    (tmp_path / "all.txt").write_text("0\n1\n2\n")
+    return cfg
+
+
+def test_end_to_end_real_images_full_resolution(szch_dir, tiny, tmp_path):
+    _, paths, _ = tiny
+    cfg = _real_setup(szch_dir, tmp_path, paths)
+    result = evaluate_split(cfg, split=str(tmp_path / "all.txt"), progress=False)
+    out = tmp_path / "eval"
+    assert result["counts"].succeeded == 3 and result["counts"].failed == 0
+    for stem in ("0", "1", "2"):
+        cxr, _ = read_image(szch_dir / "CXR" / f"{stem}.png")
+        mask, _ = read_image(out / "masks" / f"{stem}.png", allow_constant=True)
+        mask = mask > 0.5
+        glob, _ = read_image(out / "global" / f"{stem}.png", allow_constant=True)
+        fused, _ = read_image(out / "fused" / f"{stem}.png", allow_constant=True)
+        assert glob.shape == fused.shape == mask.shape == (1024, 1024)
+        assert 0.1 < mask.mean() < 0.6
+        assert fused.min() >= 0 and fused.max() <= 1
+        # Poisson fusion changes the lungs only: outside the (slightly dilated) mask fused == global
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert np.abs(fused[~near] - glob[~near]).max() <= 1 / 255 + 1e-6
+        # pixels outside the exposure (CXR == 0) stay 0
+        assert (glob[cxr <= 0] == 0).all()
+        assert (out / "overlays" / f"{stem}.png").is_file() and (out / "figures" / f"{stem}.png").is_file()
+    with open(out / "timing.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["sampling"]) > 0 and float(r["segmentation"]) > 0 for r in rows)
+    table = (out / "report.md").read_text()
+    assert "GL-LCM (fused)" in table and "3 succeeded, 0 failed, 0 skipped" in table
+    # a rerun skips the finished images and keeps their outputs
+    before = (out / "fused" / "1.png").read_bytes()
+    again = evaluate_split(cfg, split=str(tmp_path / "all.txt"), progress=False)
+    assert again["counts"].skipped == 3 and (out / "fused" / "1.png").read_bytes() == before
+
+
+def test_suppress_keeps_original_size_and_bit_depth(szch_dir, tiny, tmp_path):
+    _, paths, _ = tiny
+    cfg = _real_setup(szch_dir, tmp_path, paths, ["data.image_size=256"])
+    src = tmp_path / "in"
+    src.mkdir()
+    image, _ = read_image(szch_dir / "CXR" / "2.png")
+    write_png(src / "wide.png", cv2.resize(image, (700, 600), interpolation=cv2.INTER_AREA))
+    counts = suppress_path(cfg, str(src / "wide.png"), str(tmp_path / "soft.png"), bit_depth=16)
+    assert counts.succeeded == 1
+    out, depth = read_image(tmp_path / "soft.png")
+    assert out.shape == (600, 700) and depth == 16
+
+
+def test_bad_inputs_each_get_their_message(szch_dir, tiny, tmp_path):
+    _, paths, _ = tiny
+    data = tmp_path / "data"
+    shutil.copytree(szch_dir, data)
+    (data / "CXR" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # corrupt
+    write_png(data / "CXR" / "blank.png", np.full((512, 512), 0.5, np.float32) + np.linspace(0, 0.1, 512)[None])
+    write_png(data / "BS" / "blank.png", np.full((512, 512), 0.5, np.float32))
+    cfg = _real_setup(data, tmp_path, paths, ["data.image_size=256", "metrics.image_size=256"])
+    (tmp_path / "all.txt").write_text("0\n1\n2\nblank\n")
+    result = evaluate_split(cfg, split=str(tmp_path / "all.txt"), progress=False)
+    assert result["counts"].succeeded == 2 and result["counts"].failed == 2
+    with open(tmp_path / "eval" / "errors.csv") as f:
+        errors = {r["image"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(errors) == {"2", "blank"}
+    assert "2.png" in errors["2"] and "lung" in errors["blank"].lower()
+    # missing ground truth: named
+    (data / "BS" / "1.png").unlink()
+    with pytest.raises(ValueError, match="1"):
+        evaluate_split(cfg, split=str(tmp_path / "all.txt"), progress=False)
+    assert (tmp_path / "eval" / "fused" / "0.png").is_file()  # nothing already written is lost
+    # missing checkpoint
+    cfg_missing = _real_setup(data, tmp_path, {**paths, "student": tmp_path / "nope.pt"})
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pt"):
+        GLLCMPipeline.from_config(cfg_missing)
+    # a mask folder lacking some files
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_png(masks / "0.png", np.ones((64, 64), np.float32))
+    cfg_folder = _real_setup(data, tmp_path, paths, ["segmentation.method=folder", f"segmentation.mask_dir={masks}"])
+    counts = segment_path(cfg_folder, str(szch_dir / "CXR"), str(tmp_path / "seg"))
+    assert counts == {"succeeded": 1, "failed": 2}
+    with open(tmp_path / "seg" / "errors.csv") as f:
+        reasons = {r["image"]: r["reason"] for r in csv.DictReader(f)}
+    assert "1.png" in reasons["1"] or str(masks) in reasons["1"]
+
+
+def test_segment_command_on_phantoms(tmp_path):
+    from gl_lcm.config import load_config
+
+    write_phantom_dataset(tmp_path / "ph", n=4, size=128, seed=5)
+    cfg = load_config(None, ["device=cpu"])
+    counts = segment_path(cfg, str(tmp_path / "ph" / "CXR"), str(tmp_path / "seg"))
+    assert counts["succeeded"] == 4
+    from gl_lcm.segmentation import dice
+
+    for stem in ("phantom_0000", "phantom_0001"):
+        pred, _ = read_image(tmp_path / "seg" / "masks" / f"{stem}.png", allow_constant=True)
+        truth, _ = read_image(tmp_path / "ph" / "Mask" / f"{stem}.png", allow_constant=True)
+        assert dice(pred > 0.5, truth > 0.5) > 0.85
