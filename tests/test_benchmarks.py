@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmark scripts: each runs once in its smallest setting as a subprocess,
+exits 0 and prints its Markdown table (header, separator and the expected rows). The numbers
+themselves are never asserted (they depend on the machine)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def table_rows(stdout: str, header_start: str) -> list[str]:
+    """The rows of the Markdown table whose header starts with ``header_start`` (separator checked)."""
+    lines = stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
+    assert len(starts) == 1, f"table header {header_start!r} not printed once:\n{stdout}"
+    i = starts[0]
+    assert lines[i + 1].startswith("|:--"), f"no Markdown separator under the header:\n{stdout}"
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_bench_sampling_smoke():
+    out = run_script("bench_sampling.py", "--image-size", "64", "--num-images", "1", "--ddpm-steps", "3",
+                     "--teacher-steps", "2", "--repeats", "1", "--threads", "1")
+    rows = table_rows(out, "| Method | UNet calls / batch | encode s | sampling s | decode s | fusion s | "
+                           "total s / image | speed-up vs DDPM-3 | PSNR (dB) | BSR (%) |")
+    names = [r.split("|")[1].strip() for r in rows]
+    assert len(rows) == 6, rows  # DDPM, LCM sequential, LCM batched, student 1/2/4
+    assert names[0].startswith("DDPM-3 (SMOKE RUN")
+    assert names[1].startswith("LCM-2 dual path, sequential") and names[2].startswith("LCM-2 dual path, batched")
+    assert [n.split(",")[0] for n in names[3:]] == ["student 1 step", "student 2 steps", "student 4 steps"]
+    # UNet calls per batch: DDPM 3, sequential 2 x 2, batched 2, students 1 / 2 / 4
+    assert [r.split("|")[2].strip() for r in rows] == ["3", "4", "2", "1", "2", "4"]
+    assert all(r.rstrip(" |").endswith("n/a | n/a") for r in rows)  # random models: no metrics
+    assert "batched dual path == sequential dual path (max abs diff" in out
+    assert "Machine:" in out
+
+
+def test_bench_memory_smoke():
+    out = run_script("bench_memory.py", "--vqgan-config", "configs/vqgan_tiny.yaml", "--unet-config",
+                     "configs/ldm_tiny.yaml", "--image-size", "64", "--steps", "1", "--threads", "1")
+    rows = table_rows(out, "| Case | Parameters | Peak memory (GiB) | Baseline (GiB) | Peak - baseline (GiB) | "
+                           "Wall s |")
+    assert [r.split("|")[1].strip().split(":")[0] for r in rows] == ["inference", "vqgan", "unet"]
+    for row in rows:
+        peak, baseline = float(row.split("|")[3]), float(row.split("|")[4])
+        assert peak >= baseline > 0, row  # a peak below the post-import baseline would be a measuring bug
+    assert "2x4x8x8" in rows[0]  # one batched UNet call on the global + local latents of one image
+    assert "Machine:" in out
+
+
+def test_bench_metrics_smoke():
+    out = run_script("bench_metrics.py", "--image-size", "64", "--num-images", "1", "--repeats", "1",
+                     "--threads", "1")
+    rows = table_rows(out, "| Measurement | images / s | ms / image |")
+    assert len(rows) == 5, rows
+    assert rows[-1].startswith("| building the LPIPS network (once)")
+    assert "LPIPS weights:" in out and "Machine:" in out
