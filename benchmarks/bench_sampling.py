@@ -303,7 +303,10 @@ def _to01(x: torch.Tensor) -> np.ndarray:
 
 
 def _ddpm_latents(model, cond: torch.Tensor, cfg, steps: int, gens) -> torch.Tensor:
-    """Global-path DDPM: all T steps (package sampler), or a strided ancestral grid for smoke runs."""
+    """Global-path DDPM: all T steps (package sampler), or a strided ancestral grid for smoke runs.
+
+    Initial noise per image from ``gens``; the step noise of a batch comes from its first generator.
+    """
     from gl_lcm.diffusion.lcm import dynamic_clip_range
     from gl_lcm.diffusion.samplers import sample_ddim
     from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas

@@ -6,6 +6,7 @@ Every command that takes ``--config`` also takes dotted overrides after it, e.g.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -52,13 +53,16 @@ def cmd_split(args):
 
 
 def cmd_metrics(args):
-    from gl_lcm.metrics import build_lpips_from_args, evaluate_folders
     from gl_lcm.data.pairs import read_split
+    from gl_lcm.metrics import LPIPSMetric, evaluate_folders
 
     stems = read_split(args.list) if args.list else None
-    lpips_metric = None if args.no_lpips else build_lpips_from_args(args.lpips_weights, args.lpips_protocol)
-    evaluate_folders(args.cxr_dir, args.gt_dir, args.pred_dir, args.out, stems=stems,
-                     image_size=args.image_size, lpips_metric=lpips_metric)
+    lpips_metric = None if args.no_lpips else LPIPSMetric(args.lpips_protocol, args.lpips_weights or None)
+    result = evaluate_folders(args.cxr_dir, args.gt_dir, args.pred_dir, args.out, stems=stems,
+                              image_size=args.image_size, lpips_metric=lpips_metric)
+    print((Path(args.out) / "table.md").read_text())
+    if result["missing_count"]:
+        print(f"{result['missing_count']} predictions missing (listed in {Path(args.out) / 'missing.txt'})")
 
 
 def cmd_train_vqgan(args):
@@ -216,7 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("GL_LCM_DEBUG"):
+            raise
         print(f"gl-lcm {args.command}: error: {exc}", file=sys.stderr)
+        print("(set GL_LCM_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

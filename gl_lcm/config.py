@@ -141,6 +141,8 @@ class FusionConfig:
     mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
     backend: str = opt("float", "Poisson solver: float (sparse solve, keeps 16-bit precision) or opencv (seamlessClone)", choices=["float", "opencv"])
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
+    erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
+                           "dark decoder rim (about one latent cell) out", min=0)
 
 
 @dataclass

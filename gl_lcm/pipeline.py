@@ -133,12 +133,31 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     return denoised[:b], denoised[b:]
 
 
+def fusion_mask(mask: np.ndarray, erode_px: int) -> np.ndarray:
+    """The lung mask shrunk by ``erode_px`` pixels (disk), the region the local result is fused over.
+
+    The local path decodes an image that is black outside the lungs; the VQGAN decoder blurs
+    that edge over about one latent cell, so the outermost pixels of the local result are dark.
+    Fusing only inside the shrunk mask keeps that rim out (OpenCV's seamlessClone likewise
+    erodes its mask). An erosion that empties the mask leaves nothing to fuse (global result).
+    """
+    m = mask.astype(bool)
+    if erode_px <= 0 or not m.any():
+        return m
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode_px + 1, 2 * erode_px + 1))
+    return cv2.erode(m.astype(np.uint8), k) > 0
+
+
 def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask) -> np.ndarray:
-    """fusion.fuse with the config's backend / feathering (feather scaled to the image size)."""
+    """fusion.fuse with the config's backend, feathering (pixels at 1024, scaled to the image size)
+    and mask erosion (pixels of the model's images: the decoder rim is about a latent cell wide
+    whatever the resolution)."""
+    scale = global_img.shape[0] / 1024
+    mask = fusion_mask(mask, cfg.fusion.erode_px)
     if mode == "poisson":
         return fuse(mode, global_img, local_img, mask, backend="scipy" if cfg.fusion.backend == "float" else "opencv")
     if mode == "alpha":
-        return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * global_img.shape[0] / 1024)
+        return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * scale)
     return fuse(mode, global_img, local_img, mask)
 
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny_models import tiny_config, write_tiny_checkpoints
+
+from gl_lcm.data.phantom import write_phantom_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
 
@@ -48,6 +52,21 @@ def test_bench_sampling_smoke():
     assert all(r.rstrip(" |").endswith("n/a | n/a") for r in rows)  # random models: no metrics
     assert "batched dual path == sequential dual path (max abs diff" in out
     assert "Machine:" in out
+
+
+def test_bench_sampling_trained_checkpoints_report_metrics(tmp_path):
+    write_phantom_dataset(tmp_path / "data", n=3, size=64, seed=0, progress=False)
+    paths = write_tiny_checkpoints(tmp_path / "ckpt", tiny_config(["data.image_size=64"]))
+    out = run_script("bench_sampling.py", "--vqgan", str(paths["vqgan"]), "--teacher", str(paths["teacher"]),
+                     "--student", str(paths["student"]), "--data", str(tmp_path / "data"), "--num-images", "2",
+                     "--batch-size", "2", "--ddpm-steps", "3", "--teacher-steps", "2", "--student-steps", "1",
+                     "--repeats", "1", "--threads", "1")
+    rows = table_rows(out, "| Method | UNet calls / batch |")
+    assert len(rows) == 4, rows  # DDPM, LCM sequential, LCM batched, student 1 step
+    for row in rows:  # trained-model mode with ground truth: PSNR and BSR are numbers
+        psnr, bsr = row.split("|")[-3].strip(), row.split("|")[-2].strip()
+        float(psnr), float(bsr)
+    assert "images: 2 from" in out and "Mask" in out  # lung masks read from the phantom folder
 
 
 def test_bench_memory_smoke():

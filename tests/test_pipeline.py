@@ -190,3 +190,23 @@ def test_segment_command_on_phantoms(tmp_path):
         pred, _ = read_image(tmp_path / "seg" / "masks" / f"{stem}.png", allow_constant=True)
         truth, _ = read_image(tmp_path / "ph" / "Mask" / f"{stem}.png", allow_constant=True)
         assert dice(pred > 0.5, truth > 0.5) > 0.85
+
+
+def test_fusion_mask_erosion_keeps_decoder_rim_out():
+    from gl_lcm.pipeline import fuse_with_config, fusion_mask
+
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 12:52] = True
+    assert fusion_mask(mask, 0).sum() == mask.sum()
+    eroded = fusion_mask(mask, 4)
+    assert eroded[20:44, 16:48].all() and not eroded[16:20].any() and not eroded[:, 12:16].any()
+    assert not fusion_mask(mask, 40).any()
+    # a local result whose lungs have a dark rim (as decoded) must not darken the fused lungs
+    glob = np.full((64, 64), 0.5, np.float32)
+    local = np.where(mask, 0.5, 0.0).astype(np.float32)
+    local[16:18] = 0.0
+    cfg = tiny_config(["fusion.erode_px=4"])
+    fused = fuse_with_config(cfg, "poisson", glob, local, mask)
+    assert np.abs(fused - glob).max() < 1e-4
+    cfg = tiny_config(["fusion.erode_px=0"])
+    assert np.abs(fuse_with_config(cfg, "poisson", glob, local, mask) - glob).max() > 0.05
