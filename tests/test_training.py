@@ -143,3 +143,21 @@ def test_bad_inputs_fail_before_work(phantoms, tmp_path, tiny_vqgan):
                                                       "checkpoints.vqgan=" + str(tmp_path / "missing.pt"), *LDM_TINY])
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pt"):
         train_ldm(cfg, progress=False)
+
+
+def test_train_segnet_learns_lungs_and_is_used_by_segment(phantoms, tmp_path):
+    from gl_lcm.evaluate import segment_path
+    from gl_lcm.train.segnet import train_segnet
+
+    cfg = load_config(REPO / "configs/segnet_tiny.yaml", [
+        f"data.root={phantoms}", f"train.output_dir={tmp_path / 'seg'}", "segmentation.image_size=32",
+        "segmentation.depth=2", "segmentation.base_channels=8", "train.max_steps=60", "train.val_every=60",
+        "train.ckpt_every=60", "train.batch_size=4", "train.lr=0.003", "device=cpu"])
+    train_segnet(cfg, progress=False)
+    with open(tmp_path / "seg" / "logs" / "metrics.csv") as f:
+        dice = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/dice"]
+    assert dice and dice[-1] > 0.7
+    use = load_config(None, ["segmentation.method=unet", f"checkpoints.segnet={tmp_path / 'seg' / 'model.pt'}",
+                             "segmentation.image_size=32", "device=cpu", "segmentation.min_area=0"])
+    counts = segment_path(use, str(phantoms / "CXR"), str(tmp_path / "masks"))
+    assert counts["succeeded"] >= 12  # a net trained for 60 steps finds lungs in most phantoms
