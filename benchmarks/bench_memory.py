@@ -33,8 +33,6 @@ import contextlib
 import copy
 import gc
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -45,6 +43,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from _machine import machine_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CASES = ("inference", "vqgan", "unet")
@@ -84,22 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- environment
-def machine_line(device: torch.device) -> str:
-    """One line naming the CPU model, torch version and the device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return (f"Machine: {cpu}, {os.cpu_count()} cores, {total:.1f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, device {device} ({dev})")
-
-
 def resolve(args) -> torch.device:
     from gl_lcm.utils.dist import resolve_device
 

@@ -19,7 +19,6 @@ Prints a Markdown table and the machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _machine import machine_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TABLE_HEADER = "| Measurement | images / s | ms / image |"
 
@@ -48,21 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.image_size < 8 or args.num_images < 1 or args.repeats < 1:
         p.error("--image-size must be >= 8, --num-images and --repeats >= 1")
     return args
-
-
-def machine_line(device: torch.device) -> str:
-    """One line naming the CPU model, torch version and the device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return (f"Machine: {cpu} ({torch.get_num_threads()} torch threads), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}, device {device} ({dev})")
 
 
 def random_triplets(n: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

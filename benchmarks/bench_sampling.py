@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ from typing import Optional
 import cv2
 import numpy as np
 import torch
+
+from _machine import machine_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE_HEADER = "| Method | UNet calls / batch | encode s | sampling s | decode s | fusion s | total s / image | speed-up vs"
@@ -87,21 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- environment
-def machine_line(device: torch.device) -> str:
-    """One line naming the CPU model, core count, torch version and the device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return (f"Machine: {cpu} ({torch.get_num_threads()} torch threads), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, device {device} ({dev})")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

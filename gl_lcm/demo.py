@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from gl_lcm.config import Config, load_config, to_dict
+from gl_lcm.config import Config, load_config
 from gl_lcm.utils.atomic import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the tiny configs the demo trains with
@@ -141,14 +140,17 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
     sampling: dict[str, float] = {}
     extra: dict[str, dict] = {}
     ddpm_n = 2 if fast else 4
+    # (model, sampler, steps, local-path guidance). LEG re-injects fresh noise at every step, which
+    # averages out over 50 steps but not over 1-4, so few-step rows use the plain local prediction.
     methods = [
         ("Identity (prediction = CXR)", None),
         ("VQGAN round trip of the CXR", None),
-        (f"BS-LDM style: teacher, DDPM-1000 (global, {ddpm_n} images)", ("teacher", "ddpm", 1000)),
-        ("GL-LCM published: teacher, LCM-50", ("teacher", "gllcm", 50)),
-        ("GL-LCM ours: student, 4 steps", ("student", "gllcm", 4)),
-        ("GL-LCM ours: student, 2 steps", ("student", "gllcm", 2)),
-        ("GL-LCM ours: student, 1 step", ("student", "gllcm", 1)),
+        (f"BS-LDM style: teacher, DDPM-1000 (global, {ddpm_n} images)", ("teacher", "ddpm", 1000, None)),
+        ("GL-LCM published: teacher, LCM-50, LEG", ("teacher", "gllcm", 50, "leg")),
+        ("Teacher, LCM-4 (no distillation)", ("teacher", "gllcm", 4, "vanilla")),
+        ("GL-LCM ours: student, 4 steps", ("student", "gllcm", 4, "vanilla")),
+        ("GL-LCM ours: student, 2 steps", ("student", "gllcm", 2, "vanilla")),
+        ("GL-LCM ours: student, 1 step", ("student", "gllcm", 1, "vanilla")),
     ]
     batch = cfg.eval.batch_size
     for name, spec in tqdm(methods, desc="demo evaluation", disable=not progress):
@@ -180,7 +182,8 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
             fused, glob, loc = [], [], []
             sampling[name] = 0.0
             for i in range(0, len(cxrs), batch):
-                rs = pipe.run(names[i:i + batch], cxrs[i:i + batch], masks[i:i + batch], num_steps=spec[2])
+                rs = pipe.run(names[i:i + batch], cxrs[i:i + batch], masks[i:i + batch], num_steps=spec[2],
+                              guidance_mode=spec[3])
                 sampling[name] += sum(r.timings["sampling"] for r in rs) / len(cxrs)
                 fused += [r.fused for r in rs]
                 glob += [r.global_img for r in rs]
@@ -215,7 +218,7 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
     from gl_lcm.metrics import markdown_table
 
     t = res["times"]
-    teacher = "GL-LCM published: teacher, LCM-50"
+    teacher = "GL-LCM published: teacher, LCM-50, LEG"
     lines = [f"# gl-lcm demo report{' (--fast smoke run)' if fast else ''}", "",
              f"Held-out phantoms: {res['n_test']} images at {res['image_size']}x{res['image_size']}; metrics at "
              f"{res['metrics_size']}x{res['metrics_size']}; LPIPS not computed (needs local AlexNet weights).", "",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
-from gl_lcm.data.io import ImageReadError, list_images, read_image, write_png
+from gl_lcm.data.io import list_images, read_image, write_png
 from gl_lcm.utils.atomic import atomic_path, atomic_write_text
 from gl_lcm.utils.plotting import save_grid
 
@@ -335,7 +334,6 @@ def ablate(cfg: Config, split: Optional[str] = None, no_lpips: bool = False, pro
     fusions reuse its global/local results. Writes ablation.md with the two tables of the paper
     (guidance with Poisson fusion; fusion with LEG) and the full grid, PSNR and LPIPS.
     """
-    from gl_lcm.metrics import markdown_table
     from gl_lcm.pipeline import GLLCMPipeline
 
     lpips_metric = build_lpips(cfg, no_lpips)

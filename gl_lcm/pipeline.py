@@ -47,6 +47,19 @@ def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], devic
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
 
 
+def clip_grid_index(timestep: int, num_train_timesteps: int, original_inference_steps: int) -> int:
+    """Index j of ``timestep`` on the LCM's original grid (0 at t = T-1, the noisiest point).
+
+    Dynamic clipping widens the x0 range by b per step of the published 50-step schedule. A
+    sampler with fewer steps jumps along that same grid (4 steps: t = 999, 759, 499, 259 ->
+    j = 0, 12, 25, 37), so it gets the range the 50-step sampler has at the same noise level;
+    counting its own steps (j = 0..3) would clip the last, nearly clean estimates far too hard.
+    With 50 steps j is the step index, as published.
+    """
+    k = num_train_timesteps // original_inference_steps
+    return max(0, (num_train_timesteps - 1 - int(timestep)) // k)
+
+
 def _clip_fn(cfg: Config, omegas: torch.Tensor) -> Optional[Callable[[int], torch.Tensor]]:
     if not cfg.lcm.dynamic_clip:
         return None
@@ -67,7 +80,12 @@ def sample_latents(model, cond: torch.Tensor, cfg: Config, num_steps: int, gener
     omega = cfg.lcm.global_omega if clip_omega is None else clip_omega
     clip = (lambda j: dynamic_clip_range(j, omega, cfg.lcm.clip_b)) if cfg.lcm.dynamic_clip else None
     if sampler == "lcm":
-        return sample_lcm(fn, make_scheduler(cfg), x_T, num_steps, generator=generator, clip_range_fn=clip,
+        scheduler = make_scheduler(cfg)
+        scheduler.set_timesteps(num_steps)
+        grid = [clip_grid_index(t, cfg.diffusion.num_train_timesteps, cfg.lcm.original_inference_steps)
+                for t in scheduler.timesteps.tolist()]
+        lcm_clip = (lambda j: clip(grid[j])) if clip is not None else None
+        return sample_lcm(fn, make_scheduler(cfg), x_T, num_steps, generator=generator, clip_range_fn=lcm_clip,
                           progress=progress)
     d = cfg.diffusion
     betas = make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
@@ -122,7 +140,8 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
         leg_noise = randn_per_image(leg_gens, latent_shape, device) if mode == "leg" else None
         eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
         step_noise = torch.cat([randn_per_image(gens, latent_shape, device), randn_per_image(gens, latent_shape, device)])
-        clip = clip_fn(j) if clip_fn is not None else None
+        clip = clip_fn(clip_grid_index(t, cfg.diffusion.num_train_timesteps, cfg.lcm.original_inference_steps)) \
+            if clip_fn is not None else None
         if rebuild_scheduler:
             fresh = make_scheduler(cfg)
             fresh.set_timesteps(num_steps, device=device)

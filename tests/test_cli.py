@@ -1,5 +1,4 @@
 """The `gl-lcm` command: thin subcommands, clear errors, metrics table from folders."""
-import numpy as np
 
 from gl_lcm.cli import main
 from gl_lcm.data.io import read_image, write_png

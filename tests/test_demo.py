@@ -9,7 +9,7 @@ def test_fast_demo_end_to_end_and_resume(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     for row in ("Identity (prediction = CXR)", "VQGAN round trip of the CXR", "DDPM-1000",
-                "GL-LCM published: teacher, LCM-50", "GL-LCM ours: student, 4 steps"):
+                "GL-LCM published: teacher, LCM-50, LEG", "GL-LCM ours: student, 4 steps"):
         assert row in report
     assert "| BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ |" in report
     assert (out / "demo_figure.png").stat().st_size > 1000

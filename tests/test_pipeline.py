@@ -14,7 +14,7 @@ import torch
 from gl_lcm.data.io import read_image, write_png
 from gl_lcm.data.phantom import write_phantom_dataset
 from gl_lcm.evaluate import evaluate_split, segment_path, suppress_path
-from gl_lcm.models.factory import load_denoiser, load_vqgan
+from gl_lcm.models.factory import load_denoiser
 from gl_lcm.pipeline import GLLCMPipeline, dual_path_sample, image_generators, postprocess_paths
 
 from tiny_models import tiny_config, write_tiny_checkpoints
@@ -210,3 +210,14 @@ def test_fusion_mask_erosion_keeps_decoder_rim_out():
     assert np.abs(fused - glob).max() < 1e-4
     cfg = tiny_config(["fusion.erode_px=0"])
     assert np.abs(fuse_with_config(cfg, "poisson", glob, local, mask) - glob).max() > 0.05
+
+
+def test_clip_index_follows_the_original_grid():
+    from gl_lcm.diffusion.lcm import LCMScheduler
+    from gl_lcm.pipeline import clip_grid_index
+
+    s = LCMScheduler()
+    s.set_timesteps(50)
+    assert [clip_grid_index(t, 1000, 50) for t in s.timesteps.tolist()] == list(range(50))
+    s.set_timesteps(4)
+    assert [clip_grid_index(t, 1000, 50) for t in s.timesteps.tolist()] == [0, 12, 25, 37]

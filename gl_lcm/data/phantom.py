@@ -221,7 +221,6 @@ def _render_soft_tissue(rng: np.random.Generator, p: Dict[str, float], size: int
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     u, v = np.meshgrid(coords, coords)
     cx = p["midline"]
-    px = 1.0 / size
 
     # Body: neck widening into shoulders and torso; elliptical cross-section gives the
     # thickness (brighter in the middle, darker towards the skin line).

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
