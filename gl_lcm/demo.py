@@ -192,14 +192,12 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
             extra[name] = {"global": glob, "local": loc}
         n_img = len(preds[name])
         times[name] = (time.perf_counter() - t0) / n_img
-    rows = {}
-    for name, ps in preds.items():
-        per = [compute_metrics(cxrs[i], gts[i], ps[i], image_size=cfg.metrics.image_size) for i in range(len(ps))]
-        rows[name] = summarize(per)
+    per_image = {name: [compute_metrics(cxrs[i], gts[i], p, image_size=cfg.metrics.image_size)
+                        for i, p in enumerate(ps)] for name, ps in preds.items()}
+    rows = {name: summarize(r) for name, r in per_image.items()}
     ddpm_name = methods[2][0]
     # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
-    subset = {name: summarize([compute_metrics(cxrs[i], gts[i], preds[name][i], image_size=cfg.metrics.image_size)
-                               for i in range(ddpm_n)]) for name in preds}
+    subset = {name: summarize(r[:ddpm_n]) for name, r in per_image.items()}
     figure_cases(out / "demo_figure.png", cxrs, gts, extra["GL-LCM ours: student, 4 steps"],
                  preds["GL-LCM ours: student, 4 steps"], k=4)
     return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs), "ddpm_n": ddpm_n,

@@ -85,7 +85,7 @@ def sample_latents(model, cond: torch.Tensor, cfg: Config, num_steps: int, gener
         grid = [clip_grid_index(t, cfg.diffusion.num_train_timesteps, cfg.lcm.original_inference_steps)
                 for t in scheduler.timesteps.tolist()]
         lcm_clip = (lambda j: clip(grid[j])) if clip is not None else None
-        return sample_lcm(fn, make_scheduler(cfg), x_T, num_steps, generator=generator, clip_range_fn=lcm_clip,
+        return sample_lcm(fn, scheduler, x_T, num_steps, generator=generator, clip_range_fn=lcm_clip,
                           progress=progress)
     d = cfg.diffusion
     betas = make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)

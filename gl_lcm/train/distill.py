@@ -25,12 +25,15 @@ class DistillTask(LDMTask):
     name = "distill"
 
     def build(self, trainer: Trainer) -> None:
-        super().build(trainer)  # VQGAN, latent pairs, val data, schedule tables
+        super().build(trainer)  # VQGAN, latent pairs, val data, schedule tables, networks below
+        self.solver = solver_timesteps(self.cfg.diffusion.num_train_timesteps, self.cfg.distill.num_ddim_timesteps)
+
+    def build_networks(self, trainer: Trainer) -> None:
+        """Frozen teacher; student and target network both start as copies of it."""
         teacher, _ = load_denoiser(self.cfg.checkpoints.teacher, trainer.device)
         self.teacher = teacher.requires_grad_(False).eval()
         self.unet = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.ema = copy.deepcopy(self.teacher).requires_grad_(False)
-        self.solver = solver_timesteps(self.cfg.diffusion.num_train_timesteps, self.cfg.distill.num_ddim_timesteps)
 
     def modules(self):
         return {"student": self.unet, "ema": self.ema}

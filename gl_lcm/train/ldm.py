@@ -27,6 +27,12 @@ from gl_lcm.utils.dist import barrier
 from gl_lcm.utils.plotting import save_grid
 
 
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of B x 1 x H x W images in [-1, 1], measured in [0, 1]: B."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return -10 * torch.log10(mse)
+
+
 def diffusion_tables(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(betas, alphas_cumprod) of the configured schedule, float32 (T,)."""
     d = cfg.diffusion
@@ -106,13 +112,17 @@ class LDMTask(TrainTask):
         else:
             latents = encode_pairs(self.vqgan, train_pairs, cfg.data.image_size, trainer.device,
                                    progress=trainer.progress and trainer.is_main)
-        self.train_set = LatentPairs({k: v for k, v in latents.items()}, list(cfg.diffusion.paths))
-        self.unet = build_unet(cfg.unet, self.latent_channels)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.train_set = LatentPairs(latents, list(cfg.diffusion.paths))
+        self.build_networks(trainer)
         self.betas, self.alphas_cumprod = diffusion_tables(cfg)
         self.alphas_cumprod = self.alphas_cumprod.to(trainer.device)
         val_pairs = pairs_for_split(cfg, "val")[:4]
         self.val_data = PairedDataset(val_pairs, cfg.data.image_size, with_mask=False)
+
+    def build_networks(self, trainer: Trainer) -> None:
+        """The trained UNet and its EMA copy (used for sampling)."""
+        self.unet = build_unet(self.cfg.unet, self.latent_channels)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
 
     def train_dataset(self):
         return self.train_set
@@ -160,8 +170,7 @@ class LDMTask(TrainTask):
         to01 = lambda t: ((t[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
         rows = [[a, b_, c] for a, b_, c in zip(to01(cxr), to01(pred), to01(bs))]
         save_grid(out_dir / f"ldm_step_{step:08d}.png", rows, labels=["CXR", "teacher LCM", "soft tissue"])
-        mse = ((pred - bs) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        return {"psnr": float((-10 * torch.log10(mse)).mean())}
+        return {"psnr": float(psnr_batch(pred, bs).mean())}
 
     def extra_state(self):
         return {"latent_channels": int(self.latent_channels), "vqgan": str(self.cfg.checkpoints.vqgan)}

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from gl_lcm.config import Config
 from gl_lcm.data.datasets import AutoencoderImages, pairs_for_split
 from gl_lcm.models.factory import build_discriminator, build_vqgan, load_vqgan
+from gl_lcm.train.ldm import psnr_batch
 from gl_lcm.train.loop import Trainer, TrainTask
 from gl_lcm.utils.atomic import atomic_write_text
 from gl_lcm.utils.plotting import save_grid
@@ -40,12 +41,6 @@ def build_perceptual(cfg: Config, device: torch.device, warn: bool = True):
         if warn:
             warnings.warn(f"perceptual loss disabled, training goes on without it: {exc}", stacklevel=2)
         return None
-
-
-def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1] measured in [0, 1]: B."""
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return -10 * torch.log10(mse)
 
 
 class VQGANTask(TrainTask):
