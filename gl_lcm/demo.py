@@ -129,11 +129,11 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
     cxrs = [load(p.cxr) for p in pairs]
     gts = [load(p.bs) for p in pairs]
     masks = []
-    for nme, c in zip(names, cxrs):
+    for pair, c in zip(pairs, cxrs):
         try:
-            masks.append(seg(nme, c))
+            masks.append(seg(pair.stem, c))
         except ValueError:  # no lung found: fall back to the phantom's true mask for the demo
-            masks.append(load(pairs[names.index(nme)].mask) > 0.5)
+            masks.append(load(pair.mask) > 0.5)
 
     preds: dict[str, list[np.ndarray]] = {}
     times: dict[str, float] = {}

@@ -60,10 +60,18 @@ def clip_grid_index(timestep: int, num_train_timesteps: int, original_inference_
     return max(0, (num_train_timesteps - 1 - int(timestep)) // k)
 
 
-def _clip_fn(cfg: Config, omegas: torch.Tensor) -> Optional[Callable[[int], torch.Tensor]]:
+def lcm_clip_at(cfg: Config, omegas: Sequence[float]) -> Optional[Callable[[int], torch.Tensor]]:
+    """Per-sample clip ranges (len(omegas),) as a function of the LCM timestep, or None when
+    lcm.dynamic_clip is off: omega + b * j with j from :func:`clip_grid_index`."""
     if not cfg.lcm.dynamic_clip:
         return None
-    return lambda j: torch.stack([torch.tensor(dynamic_clip_range(j, float(o), cfg.lcm.clip_b)) for o in omegas])
+    d = cfg.diffusion
+
+    def clip(t: int) -> torch.Tensor:
+        j = clip_grid_index(t, d.num_train_timesteps, cfg.lcm.original_inference_steps)
+        return torch.tensor([dynamic_clip_range(j, float(o), cfg.lcm.clip_b) for o in omegas])
+
+    return clip
 
 
 @torch.no_grad()
@@ -78,15 +86,16 @@ def sample_latents(model, cond: torch.Tensor, cfg: Config, num_steps: int, gener
     x_T = noise if noise is not None else torch.randn(cond.shape, generator=generator).to(cond.device)
     fn = lambda x, t: model(x, t, cond)
     omega = cfg.lcm.global_omega if clip_omega is None else clip_omega
-    clip = (lambda j: dynamic_clip_range(j, omega, cfg.lcm.clip_b)) if cfg.lcm.dynamic_clip else None
     if sampler == "lcm":
         scheduler = make_scheduler(cfg)
         scheduler.set_timesteps(num_steps)
-        grid = [clip_grid_index(t, cfg.diffusion.num_train_timesteps, cfg.lcm.original_inference_steps)
-                for t in scheduler.timesteps.tolist()]
-        lcm_clip = (lambda j: clip(grid[j])) if clip is not None else None
+        timesteps = scheduler.timesteps.tolist()
+        clip_at = lcm_clip_at(cfg, [omega] * cond.shape[0])
+        lcm_clip = (lambda j: clip_at(timesteps[j])) if clip_at is not None else None
         return sample_lcm(fn, scheduler, x_T, num_steps, generator=generator, clip_range_fn=lcm_clip,
                           progress=progress)
+    # DDIM / DDPM count their own steps (BS-LDM's thresholding)
+    clip = (lambda j: dynamic_clip_range(j, omega, cfg.lcm.clip_b)) if cfg.lcm.dynamic_clip else None
     d = cfg.diffusion
     betas = make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
     if sampler == "ddim":
@@ -122,8 +131,7 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     leg_gens = [make_generator(derive_seed(g.initial_seed(), "leg")) for g in gens]
     x = torch.cat([x_T, x_T])  # both paths start from the same noise
     cond = torch.cat([cond_global, cond_local])
-    omegas = torch.tensor([cfg.lcm.global_omega] * b + [cfg.lcm.local_omega] * b)
-    clip_fn = _clip_fn(cfg, omegas)
+    clip_at = lcm_clip_at(cfg, [cfg.lcm.global_omega] * b + [cfg.lcm.local_omega] * b)
     scheduler = make_scheduler(cfg)
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps.tolist()
@@ -140,8 +148,7 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
         leg_noise = randn_per_image(leg_gens, latent_shape, device) if mode == "leg" else None
         eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
         step_noise = torch.cat([randn_per_image(gens, latent_shape, device), randn_per_image(gens, latent_shape, device)])
-        clip = clip_fn(clip_grid_index(t, cfg.diffusion.num_train_timesteps, cfg.lcm.original_inference_steps)) \
-            if clip_fn is not None else None
+        clip = clip_at(t) if clip_at is not None else None
         if rebuild_scheduler:
             fresh = make_scheduler(cfg)
             fresh.set_timesteps(num_steps, device=device)
@@ -203,17 +210,16 @@ def _resize(img: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarray:
 
 
 def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray):
-    """Published post-processing: zero where the CXR is 0 (outside the exposure), then shift the
-    local result so its mean inside the lung mask equals the global result's mean there."""
+    """Published post-processing: shift the local result so its mean inside the lung mask equals
+    the global result's mean there, and set both to 0 where the CXR is 0 (outside the exposure;
+    done last so the shift cannot lift those pixels again)."""
     outside = cxr <= 0
     m = mask.astype(bool)
     g = global_img.astype(np.float32)
     l = local_img.astype(np.float32)
     if m.any():
         l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)
-    g = np.where(outside, 0.0, g).astype(np.float32)
-    l = np.where(outside, 0.0, l).astype(np.float32)
-    return g, l
+    return np.where(outside, 0.0, g).astype(np.float32), np.where(outside, 0.0, l).astype(np.float32)
 
 
 class GLLCMPipeline:

@@ -86,13 +86,15 @@ def latent_cache(cfg: Config, vqgan, trainer: Trainer, pairs, name: str) -> dict
     path = Path(cfg.train.output_dir) / f"latent_cache_{name}.pt"
     key = {"vqgan": str(Path(cfg.checkpoints.vqgan).resolve()), "stems": [p.stem for p in pairs],
            "image_size": cfg.data.image_size, "scale": float(vqgan.latent_scale)}
+    cached = None
     if trainer.is_main:
         cached = torch.load(path, weights_only=True) if path.is_file() else None
         if cached is None or cached.get("key") != key:
-            latents = encode_pairs(vqgan, pairs, cfg.data.image_size, trainer.device, progress=trainer.progress)
-            save_checkpoint({"key": key, "latents": latents}, path)
-    barrier()
-    return torch.load(path, weights_only=True)["latents"]
+            cached = {"key": key, "latents": encode_pairs(vqgan, pairs, cfg.data.image_size, trainer.device,
+                                                          progress=trainer.progress)}
+            save_checkpoint(cached, path)
+    barrier()  # the other ranks read what rank 0 wrote
+    return (cached if cached is not None else torch.load(path, weights_only=True))["latents"]
 
 
 class LDMTask(TrainTask):
