@@ -20,7 +20,7 @@ from tqdm import tqdm
 from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
 from gl_lcm.data.io import list_images, read_image, write_png
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text
+from gl_lcm.utils.atomic import atomic_path, atomic_write_text, ensure_writable
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -115,6 +115,7 @@ class ErrorLog:
 def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
     """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures."""
     out = Path(out_dir)
+    ensure_writable(out, "--out")
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
     ok = 0
@@ -266,9 +267,9 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
 
     lpips_metric = build_lpips(cfg, no_lpips)  # fail on missing weights before any work
     stems, cxr_files, gt_files = _split_files(cfg, split)
-    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
     out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out, "eval.output_dir")
+    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
     save_config(cfg, out / "config.yaml")
     counts = run_pipeline_on_split(cfg, pipeline, stems, cxr_files, gt_files, out, overwrite=overwrite,
                                    progress=progress)
