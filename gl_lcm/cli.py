@@ -89,6 +89,12 @@ def cmd_distill(args):
     train_distill(_cfg(args), resume=args.resume)
 
 
+def cmd_train_onestep(args):
+    from gl_lcm.train.onestep import train_onestep
+
+    train_onestep(_cfg(args), resume=args.resume)
+
+
 def cmd_train_seg(args):
     from gl_lcm.train.segnet import train_segnet
 
@@ -179,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     _resume_arg(p)
 
     p = add("distill", cmd_distill, "latent consistency distillation of the teacher into a few-step student")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("train-onestep", cmd_train_onestep,
+            "fine-tune the student for 1-4 step sampling through the frozen VQGAN decoder (pixel loss)")
     _config_args(p)
     _resume_arg(p)
 

@@ -126,6 +126,17 @@ class DistillConfig:
 
 
 @dataclass
+class OneStepConfig:
+    step_counts: list = opt([1, 2, 4], "LCM step counts whose timesteps fine-tuning visits (1 -> t = T-1; 2 and 4 add "
+                                       "their later timesteps)")
+    first_step_weight: float = opt(0.5, "share of training samples drawn at t = T-1 (the one-step sampler's timestep); "
+                                        "the rest spread evenly over the other timesteps", min=0.0, max=1.0)
+    pixel_weight: float = opt(1.0, "weight of the MSE between the decoded estimate and the ground-truth image", min=0.0)
+    msssim_weight: float = opt(0.1, "weight of (1 - MS-SSIM) between the decoded estimate and the image", min=0.0)
+    latent_weight: float = opt(0.05, "weight of the MSE between the latent estimate and the target latent", min=0.0)
+
+
+@dataclass
 class SegmentationConfig:
     method: str = opt("classical", "lung segmentation method", choices=["classical", "unet", "folder"])
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
@@ -205,6 +216,7 @@ class Config:
     lcm: LCMConfig = field(default_factory=LCMConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    onestep: OneStepConfig = field(default_factory=OneStepConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -221,6 +233,7 @@ SECTION_HELP = {
     "lcm": "latent consistency sampler and dynamic clipping",
     "guidance": "guidance of the local (lung) path",
     "distill": "latent consistency distillation of the teacher into a few-step student",
+    "onestep": "fine-tuning a student for 1-4 step sampling through the frozen VQGAN decoder (gl-lcm train-onestep)",
     "segmentation": "lung segmentation",
     "fusion": "global-local fusion in pixel space",
     "metrics": "BSR / MSE / PSNR / LPIPS evaluation",

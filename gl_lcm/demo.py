@@ -1,8 +1,9 @@
 """`gl-lcm demo`: the whole suite on built-in phantoms, no arguments, no downloads.
 
 Stages (each resumes: a finished stage is skipped, a killed training resumes from its checkpoint):
-phantoms -> VQGAN -> teacher -> student (consistency distillation) -> evaluation of GL-LCM and
-baselines on held-out phantoms -> results/demo/report.md (metrics, timings, figure).
+phantoms -> VQGAN -> teacher -> student (consistency distillation) -> one-step student (fine-tuned
+through the decoder) -> evaluation of GL-LCM and baselines on held-out phantoms ->
+results/demo/report.md (metrics, timings, figures).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from gl_lcm.config import Config, load_config
 from gl_lcm.utils.atomic import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the tiny configs the demo trains with
+PUBLISHED = "GL-LCM published: teacher, LCM-50, LEG"
+ONE_STEP = "GL-LCM ours: one-step student, 1 step"
+CEILING = "Ceiling: VQGAN round trip of the soft-tissue truth"
 
 
 def _config(name: str, overrides: list[str]) -> Config:
@@ -49,11 +53,17 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
                                                              f"checkpoints.teacher={teacher_ckpt}"]
                       + (["train.max_steps=20", "train.val_every=20", "train.ckpt_every=20",
                           "lcm.num_inference_steps=2"] if fast else []))
+    student_ckpt = str(out / "student" / "model.pt")
+    one = _config("onestep_tiny.yaml", common + [f"train.output_dir={out / 'onestep'}",
+                                                 f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
+                                                 f"checkpoints.student={student_ckpt}"]
+                  + (["train.max_steps=10", "train.val_every=10", "train.ckpt_every=10", "train.batch_size=8"]
+                     if fast else []))
     ev = _config("gl_lcm_tiny.yaml", common + [
         f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
-        f"checkpoints.student={out / 'student' / 'model.pt'}", f"eval.output_dir={out / 'eval'}"]
+        f"checkpoints.student={student_ckpt}", f"eval.output_dir={out / 'eval'}"]
         + (["metrics.image_size=64"] if fast else []))
-    return {"vqgan": vq, "teacher": ldm, "student": dis, "eval": ev}
+    return {"vqgan": vq, "teacher": ldm, "student": dis, "onestep": one, "eval": ev}
 
 
 def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log: dict) -> None:
@@ -73,6 +83,7 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
     from gl_lcm.data.phantom import write_phantom_dataset
     from gl_lcm.train.distill import train_distill
     from gl_lcm.train.ldm import train_ldm
+    from gl_lcm.train.onestep import train_onestep
     from gl_lcm.train.vqgan import train_vqgan
 
     out = Path(out_dir)
@@ -90,9 +101,12 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
            lambda: train_ldm(cfgs["teacher"], resume=resume, progress=progress), stage_times)
     _stage("student", out / "student" / "model.pt", overwrite,
            lambda: train_distill(cfgs["student"], resume=resume, progress=progress), stage_times)
+    _stage("one-step student", out / "onestep" / "model.pt", overwrite,
+           lambda: train_onestep(cfgs["onestep"], resume=resume, progress=progress), stage_times)
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
     t0 = time.time()
-    results = evaluate_demo(cfgs["eval"], out, fast=fast, progress=progress)
+    results = evaluate_demo(cfgs["eval"], out, onestep_checkpoint=out / "onestep" / "model.pt", fast=fast,
+                            progress=progress)
     stage_times["evaluation"] = time.time() - t0
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
     write_report(out, results, stage_times, fast)
@@ -102,8 +116,9 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = True) -> dict:
-    """GL-LCM (student and teacher) and baselines on the held-out phantoms, in memory."""
+def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool = False,
+                  progress: bool = True) -> dict:
+    """GL-LCM (teacher, students) and baselines on the held-out phantoms, in memory."""
     from gl_lcm.data.datasets import pairs_for_split
     from gl_lcm.data.io import read_image
     from gl_lcm.evaluate import Segmenter
@@ -118,6 +133,7 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
     vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
     teacher, _ = load_denoiser(cfg.checkpoints.teacher, device)
     student, _ = load_denoiser(cfg.checkpoints.student, device)
+    models = {"teacher": teacher, "student": student, "onestep": load_denoiser(onestep_checkpoint, device)[0]}
     seg = Segmenter(cfg, out / "eval")
     import cv2
 
@@ -145,12 +161,16 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
     methods = [
         ("Identity (prediction = CXR)", None),
         ("VQGAN round trip of the CXR", None),
+        (CEILING, None),
         (f"BS-LDM style: teacher, DDPM-1000 (global, {ddpm_n} images)", ("teacher", "ddpm", 1000, None)),
-        ("GL-LCM published: teacher, LCM-50, LEG", ("teacher", "gllcm", 50, "leg")),
+        (PUBLISHED, ("teacher", "gllcm", 50, "leg")),
         ("Teacher, LCM-4 (no distillation)", ("teacher", "gllcm", 4, "vanilla")),
-        ("GL-LCM ours: student, 4 steps", ("student", "gllcm", 4, "vanilla")),
-        ("GL-LCM ours: student, 2 steps", ("student", "gllcm", 2, "vanilla")),
-        ("GL-LCM ours: student, 1 step", ("student", "gllcm", 1, "vanilla")),
+        ("Consistency-distilled student, 4 steps", ("student", "gllcm", 4, "vanilla")),
+        ("Consistency-distilled student, 2 steps", ("student", "gllcm", 2, "vanilla")),
+        ("Consistency-distilled student, 1 step", ("student", "gllcm", 1, "vanilla")),
+        ("GL-LCM ours: one-step student, 4 steps", ("onestep", "gllcm", 4, "vanilla")),
+        ("GL-LCM ours: one-step student, 2 steps", ("onestep", "gllcm", 2, "vanilla")),
+        (ONE_STEP, ("onestep", "gllcm", 1, "vanilla")),
     ]
     batch = cfg.eval.batch_size
     for name, spec in tqdm(methods, desc="demo evaluation", disable=not progress):
@@ -159,8 +179,9 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
             preds[name] = list(cxrs)
         elif spec is None:
             out_imgs = []
-            for i in range(0, len(cxrs), batch):
-                x = torch.from_numpy(np.stack(cxrs[i:i + batch]))[:, None].to(device) * 2 - 1
+            source = gts if name == CEILING else cxrs
+            for i in range(0, len(source), batch):
+                x = torch.from_numpy(np.stack(source[i:i + batch]))[:, None].to(device) * 2 - 1
                 out_imgs += list(((vqgan.decode(vqgan.encode(x)).clamp(-1, 1)[:, 0].cpu().numpy() + 1) / 2))
             preds[name] = out_imgs
         elif spec[1] == "ddpm":
@@ -177,8 +198,7 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
                 out_imgs.append(np.where(cxrs[i] <= 0, 0.0, img))
             preds[name] = out_imgs
         else:
-            model = teacher if spec[0] == "teacher" else student
-            pipe = GLLCMPipeline(vqgan, model, cfg, device)
+            pipe = GLLCMPipeline(vqgan, models[spec[0]], cfg, device)
             fused, glob, loc = [], [], []
             sampling[name] = 0.0
             for i in range(0, len(cxrs), batch):
@@ -195,13 +215,48 @@ def evaluate_demo(cfg: Config, out: Path, fast: bool = False, progress: bool = T
     per_image = {name: [compute_metrics(cxrs[i], gts[i], p, image_size=cfg.metrics.image_size)
                         for i, p in enumerate(ps)] for name, ps in preds.items()}
     rows = {name: summarize(r) for name, r in per_image.items()}
-    ddpm_name = methods[2][0]
+    ddpm_name = methods[3][0]
     # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
     subset = {name: summarize(r[:ddpm_n]) for name, r in per_image.items()}
-    figure_cases(out / "demo_figure.png", cxrs, gts, extra["GL-LCM ours: student, 4 steps"],
-                 preds["GL-LCM ours: student, 4 steps"], k=4)
-    return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs), "ddpm_n": ddpm_n,
-            "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size}
+    figure_cases(out / "demo_figure.png", cxrs, gts, extra[ONE_STEP], preds[ONE_STEP], k=4)
+    unet_calls = {name: (spec[2] if spec[1] == "ddpm" else 2 * spec[2]) for name, spec in methods if spec is not None}
+    figure_psnr_vs_calls(out / "psnr_vs_unet_calls.png", rows, unet_calls)
+    return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs),
+            "ddpm_n": ddpm_n, "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size,
+            "unet_calls": unet_calls}
+
+
+def figure_psnr_vs_calls(path: Path, rows: dict, unet_calls: dict) -> None:
+    """PSNR (mean ± std) against UNet evaluations per image (log scale) for every sampled method;
+    methods without a UNet (identity, VQGAN round trips) as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gl_lcm.utils.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    families = {}
+    for name, calls in unet_calls.items():
+        family = name.rsplit(",", 1)[0]
+        families.setdefault(family, []).append((calls, *rows[name]["psnr"], name))
+    for family, points in families.items():
+        points.sort()
+        xs, ys, es = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family)
+    for name, style in (("Identity (prediction = CXR)", ":"), ("VQGAN round trip of the CXR", "--"), (CEILING, "-")):
+        if name in rows:
+            ax.axhline(rows[name]["psnr"][0], color="gray", linestyle=style, linewidth=1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per image (log scale; 2 per step for the dual path)")
+    ax.set_ylabel("PSNR (dB), held-out phantoms")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def figure_cases(path: Path, cxrs, gts, paths: dict, fused, k: int = 4) -> None:
@@ -216,7 +271,7 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
     from gl_lcm.metrics import markdown_table
 
     t = res["times"]
-    teacher = "GL-LCM published: teacher, LCM-50, LEG"
+    teacher = PUBLISHED
     lines = [f"# gl-lcm demo report{' (--fast smoke run)' if fast else ''}", "",
              f"Held-out phantoms: {res['n_test']} images at {res['image_size']}x{res['image_size']}; metrics at "
              f"{res['metrics_size']}x{res['metrics_size']}; LPIPS not computed (needs local AlexNet weights).", "",
@@ -226,18 +281,19 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
              "## Time per image (this machine)", "",
              "Sampling = the diffusion/consistency sampling of both paths (what the step count changes); "
              "total = encode + sampling + decode + fusion.", "",
-             "| Method | sampling s / image | sampling ratio to teacher LCM-50 | total s / image |",
-             "|:--|--:|--:|--:|"]
-    samp = res["sampling"]
+             "| Method | UNet calls / image | sampling s / image | sampling ratio to teacher LCM-50 | total s / image |",
+             "|:--|--:|--:|--:|--:|"]
+    samp, calls = res["sampling"], res["unet_calls"]
     for name, sec in t.items():
         if name in samp:
-            lines.append(f"| {name} | {samp[name]:.4f} | {samp[name] / samp[teacher]:.3f} | {sec:.4f} |")
+            lines.append(f"| {name} | {calls[name]} | {samp[name]:.4f} | {samp[name] / samp[teacher]:.3f} | {sec:.4f} |")
         else:
-            lines.append(f"| {name} | – | – | {sec:.4f} |")
+            lines.append(f"| {name} | 0 | – | – | {sec:.4f} |")
     lines += ["", "## Stage durations (s)", "", "| Stage | seconds |", "|:--|--:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in stage_times.items()]
     lines += ["", f"Total: {sum(stage_times.values()) / 60:.1f} min", "",
-              "![cases: CXR | global | local | fused | ground truth](demo_figure.png)", ""]
+              "![PSNR against UNet calls per image](psnr_vs_unet_calls.png)", "",
+              "![cases (one-step student, 1 step): CXR | global | local | fused | ground truth](demo_figure.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "report.json", json.dumps(
         {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},

@@ -128,6 +128,27 @@ def ms_ssim(
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
+def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.5,
+         k: tuple[float, float] = (0.01, 0.03), reduction: str = "mean") -> torch.Tensor:
+    """Single-scale SSIM (Wang et al. 2004) of images in [-1, 1] (measured on [0, 1], data range 1).
+
+    Gaussian window (``win_size``, ``sigma``; shrunk to the largest odd size that fits small images),
+    valid filtering, mean over the SSIM map. Equal to ``pytorch_msssim.ssim(x01, y01, data_range=1)``.
+    x, y: B x C x H x W. Returns a scalar ("mean") or (B,) ("none").
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim needs two B x C x H x W tensors of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+    side = min(x.shape[-2:])
+    win_size = min(win_size, side if side % 2 else side - 1)
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    value = _ssim_and_cs(x, y, gaussian_window_1d(win_size, sigma).to(x.device), 1.0, *k)[0].mean(dim=1)
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "none":
+        return value
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
 # --------------------------------------------------------------------------- GAN losses
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the published GL-LCM tables: BSR, MSE, PSNR, LPIPS.
+"""Evaluation metrics of the published GL-LCM tables (BSR, MSE, PSNR, LPIPS) plus SSIM and MS-SSIM.
 
 All metric functions take gray numpy arrays H x W in [0, 1] (as returned by
 :func:`gl_lcm.data.io.read_image`) and compute in float64. They follow the
@@ -13,6 +13,10 @@ published evaluation script (GL-LCM ``codes/metrics.py``):
 - BSR uses the bone image ``cxr - gt`` and a mean-shifted prediction;
 - LPIPS is AlexNet / v0.1 fed the 1-channel image in [0, 1] without rescaling to
   [-1, 1] (see :class:`LPIPSMetric`).
+
+SSIM and MS-SSIM are ours (the paper reports neither): perceptual measures that need no ImageNet
+weights, so every table has one even where LPIPS cannot run. They follow Wang et al. (Gaussian
+window 11, sigma 1.5, data range 1; MS-SSIM with 5 scales, fewer for small images).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ ALEXNET_WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_WEIGHTS_URL = f"https://download.pytorch.org/models/{ALEXNET_WEIGHTS_FILE}"
 LPIPS_PROTOCOLS = ("published", "standard")
 
-METRIC_ORDER = ("bsr", "mse", "psnr", "lpips")
+METRIC_ORDER = ("bsr", "mse", "psnr", "lpips", "ssim", "ms_ssim")
 
 
 def _as_pair(gt: np.ndarray, pred: np.ndarray, name: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,17 @@ def bsr(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> float:
     shifted = pred + np.mean(gt - pred)
     residual = np.maximum(gt - shifted, 0.0)
     return float(1.0 - np.sum(residual**2) / bone_energy)
+
+
+def structural_similarity(gt: np.ndarray, pred: np.ndarray) -> Tuple[float, float]:
+    """(SSIM, MS-SSIM) of two H x W images in [0, 1], computed in float32 torch (gl_lcm.losses)."""
+    from gl_lcm.losses import ms_ssim, ssim
+
+    gt, pred = _as_pair(gt, pred, "structural_similarity")
+    g = torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float32))[None, None] * 2 - 1
+    p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None] * 2 - 1
+    with torch.no_grad():
+        return float(ssim(p, g)), float(ms_ssim(p, g))
 
 
 def resize_for_metrics(image: np.ndarray, size: int = 1024) -> np.ndarray:
@@ -223,7 +238,7 @@ def compute_metrics(
     image_size: Optional[int] = 1024,
     lpips_metric: Optional[LPIPSMetric] = None,
 ) -> Dict[str, float]:
-    """All metrics of one image: dict(bsr, mse, psnr[, lpips]).
+    """All metrics of one image: dict(bsr, mse, psnr[, lpips], ssim, ms_ssim).
 
     cxr, gt, pred: H x W arrays in [0, 1] (sizes may differ); each is first resized
     to image_size x image_size (bilinear; None keeps the sizes, which must match).
@@ -234,6 +249,7 @@ def compute_metrics(
     result = {"bsr": bsr(cxr, gt, pred), "mse": mse(gt, pred), "psnr": psnr(gt, pred)}
     if lpips_metric is not None:
         result["lpips"] = lpips_metric(gt, pred)
+    result["ssim"], result["ms_ssim"] = structural_similarity(gt, pred)
     return result
 
 
@@ -273,8 +289,10 @@ _TABLE_COLUMNS = (
     ("mse", "MSE (10⁻³) ↓", 1000.0),
     ("psnr", "PSNR ↑", 1.0),
     ("lpips", "LPIPS ↓", 1.0),
+    ("ssim", "SSIM ↑", 1.0),  # ours, after the paper's four columns
+    ("ms_ssim", "MS-SSIM ↑", 1.0),
 )
-_DEFAULT_DECIMALS = {"bsr": 2, "mse": 3, "psnr": 2, "lpips": 3}
+_DEFAULT_DECIMALS = {"bsr": 2, "mse": 3, "psnr": 2, "lpips": 3, "ssim": 4, "ms_ssim": 4}
 
 
 def _format_value(value: float, decimals: int) -> str:
@@ -293,7 +311,8 @@ def markdown_table(
     """Markdown table in the layout of the GL-LCM paper, one row per method.
 
     summaries: method name -> :func:`summarize` output (metric -> (mean, std)).
-    Columns: Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓, cells
+    Columns: Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ | SSIM ↑ | MS-SSIM ↑ (the paper's
+    four, then ours), cells
     ``mean ± std`` (BSR x100, MSE x1000); a metric a method lacks shows "–".
     ``lpips_protocol`` adds a note line stating how LPIPS was computed.
     """
@@ -383,7 +402,7 @@ def evaluate_folders(
 
     metrics = summarize(rows)
     protocol = lpips_metric.protocol if lpips_metric is not None else None
-    columns = ["stem", "bsr", "mse", "psnr"] + (["lpips"] if lpips_metric is not None else [])
+    columns = ["stem", *(k for k in METRIC_ORDER if k != "lpips" or lpips_metric is not None)]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ def test_metrics_on_real_images(szch_dir, stem, rng):
     cxr_u8, gt_u8 = _read_u8(szch_dir / "CXR" / f"{stem}.png"), _read_u8(szch_dir / "BS" / f"{stem}.png")
 
     perfect = compute_metrics(cxr, gt, gt)
-    assert perfect == {"bsr": 1.0, "mse": 0.0, "psnr": math.inf}
+    assert perfect == {"bsr": 1.0, "mse": 0.0, "psnr": math.inf, "ssim": pytest.approx(1.0, abs=1e-6),
+                       "ms_ssim": pytest.approx(1.0, abs=1e-6)}
 
     untouched = compute_metrics(cxr, gt, cxr)
     # read_image holds k / 255 in float32: agreement to float32 precision
@@ -209,14 +210,16 @@ def test_summarize_infinite_psnr():
 
 def test_markdown_table_layout():
     summaries = {
-        "GL-LCM": {"bsr": (0.9712, 0.0101), "mse": (0.00123, 0.0004), "psnr": (31.234, 1.5), "lpips": (0.0712, 0.0101)},
+        "GL-LCM": {"bsr": (0.9712, 0.0101), "mse": (0.00123, 0.0004), "psnr": (31.234, 1.5), "lpips": (0.0712, 0.0101),
+                   "ssim": (0.91234, 0.01), "ms_ssim": (0.95, 0.005)},
         "Input CXR": {"bsr": (0.5, 0.1), "mse": (0.004, 0.001), "psnr": (math.inf, math.inf)},
     }
     table = markdown_table(summaries, lpips_protocol="published")
     lines = table.splitlines()
-    assert lines[0] == "| Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ |"
-    assert lines[2] == "| GL-LCM | 97.12 ± 1.01 | 1.230 ± 0.400 | 31.23 ± 1.50 | 0.071 ± 0.010 |"
-    assert lines[3] == "| Input CXR | 50.00 ± 10.00 | 4.000 ± 1.000 | inf ± inf | – |"
+    assert lines[0] == "| Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ | SSIM ↑ | MS-SSIM ↑ |"
+    assert lines[2] == ("| GL-LCM | 97.12 ± 1.01 | 1.230 ± 0.400 | 31.23 ± 1.50 | 0.071 ± 0.010 | 0.9123 ± 0.0100 "
+                        "| 0.9500 ± 0.0050 |")
+    assert lines[3] == "| Input CXR | 50.00 ± 10.00 | 4.000 ± 1.000 | inf ± inf | – | – | – |"
     assert "protocol 'published'" in table
 
 
@@ -359,7 +362,7 @@ def test_evaluate_folders_outputs(tmp_path, rng):
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["stem"] for r in rows] == ["a", "b", "d", "e"]
-    assert list(rows[0]) == ["stem", "bsr", "mse", "psnr"]
+    assert list(rows[0]) == ["stem", "bsr", "mse", "psnr", "ssim", "ms_ssim"]
     assert float(rows[0]["psnr"]) == math.inf and float(rows[0]["bsr"]) == 1.0
     for row in rows:
         expected = compute_metrics(
@@ -377,7 +380,7 @@ def test_evaluate_folders_outputs(tmp_path, rng):
     assert summary["metrics"]["bsr"]["std"] == pytest.approx(np.std(bsr_values))
 
     table = (out / "table.md").read_text()
-    assert table.startswith("| Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ |")
+    assert table.startswith("| Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ | SSIM ↑ | MS-SSIM ↑ |")
     assert f"| pred | {np.mean(bsr_values) * 100:.2f} ± {np.std(bsr_values) * 100:.2f} |" in table
     assert "4 images evaluated; 1 predictions missing." in table
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -392,8 +395,39 @@ def test_evaluate_folders_with_stems_and_lpips(tmp_path, rng, lpips_metric):
     assert result["count"] == 2 and result["missing"] == [] and result["unused_predictions"] == 1
     assert result["lpips_protocol"] == "published" and "lpips" in result["metrics"]
     header = (tmp_path / "out" / "per_image.csv").read_text().splitlines()[0]
-    assert header == "stem,bsr,mse,psnr,lpips"
+    assert header == "stem,bsr,mse,psnr,lpips,ssim,ms_ssim"
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| Ours |" in table and "protocol 'published'" in table
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["lpips_protocol"] == "published"
     assert (tmp_path / "out" / "missing.txt").read_text() == ""
+
+
+# ----------------------------------------------------------------------------- SSIM / MS-SSIM
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_ssim_and_ms_ssim_match_pytorch_msssim(rng, size):
+    """Against the pytorch_msssim package (5-scale MS-SSIM needs a side > 160, so at 64 px SSIM only)."""
+    import pytorch_msssim
+
+    from gl_lcm.metrics import structural_similarity
+
+    gt = rng.uniform(0, 1, (size, size))
+    gt = cv2.GaussianBlur(gt, (0, 0), 2.0)
+    pred = np.clip(gt + rng.normal(0, 0.05, gt.shape), 0, 1)
+    s, ms = structural_similarity(gt, pred)
+    g = torch.from_numpy(gt)[None, None].float()
+    p = torch.from_numpy(pred)[None, None].float()
+    assert s == pytest.approx(float(pytorch_msssim.ssim(p, g, data_range=1.0)), abs=1e-4)
+    if size > 160:
+        assert ms == pytest.approx(float(pytorch_msssim.ms_ssim(p, g, data_range=1.0)), abs=1e-4)
+    assert structural_similarity(gt, gt) == pytest.approx((1.0, 1.0), abs=1e-6)
+    assert 0 < s < 1 and 0 < ms < 1
+
+
+def test_compute_metrics_includes_ssim_columns(rng):
+    cxr = rng.uniform(0.2, 1, (32, 32))
+    gt = cxr * 0.7
+    values = compute_metrics(cxr, gt, gt * 0.98 + 0.01, image_size=None)
+    assert set(values) == {"bsr", "mse", "psnr", "ssim", "ms_ssim"}
+    assert 0.5 < values["ssim"] <= 1 and 0.5 < values["ms_ssim"] <= 1

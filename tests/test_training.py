@@ -90,12 +90,17 @@ def _resume_args(kind: str, root: Path, out: Path, fixtures: dict) -> list[str]:
         return ["distill", "--config", "configs/distill_tiny.yaml", f"data.root={root}", f"train.output_dir={out}",
                 f"checkpoints.vqgan={fixtures['vqgan']}", f"checkpoints.teacher={fixtures['teacher']}", *LDM_TINY,
                 "train.batch_size=8", "train.val_every=100", *common]  # the teacher's paths: global + local
+    if kind == "onestep":
+        return ["train-onestep", "--config", "configs/onestep_tiny.yaml", f"data.root={root}",
+                f"train.output_dir={out}", f"checkpoints.vqgan={fixtures['vqgan']}",
+                f"checkpoints.teacher={fixtures['teacher']}", "checkpoints.student=", *LDM_TINY,
+                "train.batch_size=8", "train.val_every=100", *common]
     return ["train-seg", "--config", "configs/segnet_tiny.yaml", f"data.root={root}", f"train.output_dir={out}",
             "segmentation.image_size=32", "segmentation.depth=2", "segmentation.base_channels=8",
             "train.batch_size=4", "train.val_every=100", "device=cpu", *common]
 
 
-@pytest.mark.parametrize("kind", ["vqgan", "ldm", "distill", "segnet"])
+@pytest.mark.parametrize("kind", ["vqgan", "ldm", "distill", "onestep", "segnet"])
 def test_exact_resume_after_sigkill_across_an_epoch(kind, phantoms, tiny_vqgan, tiny_teacher, tmp_path):
     fixtures = {"vqgan": tiny_vqgan, "teacher": tiny_teacher}
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .lcm import boundary_condition_scalings
+from .lcm import boundary_condition_scalings, clamp_per_sample
 from .schedule import add_noise, gather_per_sample, predict_x0_and_eps
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -72,8 +72,12 @@ def consistency_output(
     prediction_type: str = "epsilon",
     timestep_scaling: float = 10.0,
     sigma_data: float = 0.5,
+    clip_range: Tensor | float | None = None,
 ) -> Tensor:
     """Consistency function ``f(z_t, t) = c_skip(t) * z_t + c_out(t) * x0_pred(z_t, t)``.
+
+    With ``clip_range`` (float or (B,) tensor) x0_pred is first clamped to +-clip_range, which makes
+    this the ``denoised`` output of one LCM sampler step with dynamic clipping.
 
     Args:
         model_output, sample: B x C x h x w (sample is z_t).
@@ -83,6 +87,8 @@ def consistency_output(
         B x C x h x w; equals z_t at t = 0 up to c_out(0) = 0 (exact boundary condition).
     """
     x0_pred, _ = predict_x0_and_eps(model_output, sample, timesteps, alphas_cumprod, prediction_type)
+    if clip_range is not None:
+        x0_pred = clamp_per_sample(x0_pred, clip_range)
     if isinstance(timesteps, Tensor) and timesteps.ndim == 1:
         scaled_t = timesteps.to(device=sample.device, dtype=sample.dtype).reshape(-1, *([1] * (sample.ndim - 1)))
     else:

@@ -116,11 +116,15 @@ class LDMTask(TrainTask):
         else:
             latents = encode_pairs(self.vqgan, train_pairs, cfg.data.image_size, trainer.device,
                                    progress=trainer.progress and trainer.is_main)
-        self.train_set = LatentPairs(latents, list(cfg.diffusion.paths))
+        self.train_set = self.make_train_set(latents, train_pairs)
         self.betas, self.alphas_cumprod = diffusion_tables(cfg)
         self.alphas_cumprod = self.alphas_cumprod.to(trainer.device)
         val_pairs = pairs_for_split(cfg, "val")[:4]
         self.val_data = PairedDataset(val_pairs, cfg.data.image_size, with_mask=False)
+
+    def make_train_set(self, latents: dict, pairs) -> Dataset:
+        """Training items from the encoded ``pairs`` (``latents``: dict of N x C x h x w tensors)."""
+        return LatentPairs(latents, list(self.cfg.diffusion.paths))
 
     def build_networks(self, trainer: Trainer) -> None:
         """The trained UNet and its EMA copy (used for sampling)."""

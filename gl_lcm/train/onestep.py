@@ -1,0 +1,147 @@
+"""One-step fine-tuning of a consistency student through the frozen VQGAN decoder (ours, not published).
+
+Consistency distillation teaches the student the teacher's probability-flow ODE; with one step its
+latent estimate at t = T-1 lands far from the soft-tissue image (the demo's 1-step student scored
+below the identity baseline). Bone suppression is a nearly deterministic image-to-image task, so this
+task trains the *sampler's own computation* end to end against the ground-truth image:
+
+    x_t = add_noise(z0, eps, t)                           t from the LCM timesteps of 1/2/4-step sampling
+    x0  = clip(x0_from(model(x_t, t, cond)), +-(omega + b j))   the sampler's dynamic clipping at t
+    z   = c_skip(t) x_t + c_out(t) x0                     LCM boundary condition (what one LCM step returns)
+    loss = MSE(D(z), image) + w_ms (1 - MS-SSIM(D(z), image)) + w_lat MSE(z, z0)
+
+D is the frozen VQGAN decoder (gradients pass through it, its weights stay fixed). Training on the
+timesteps that 1, 2 and 4-step sampling visit keeps every step count usable. The result is a
+'distill'-kind checkpoint, so the dual-path pipeline, guidance and fusion use it unchanged.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from gl_lcm.config import Config, config_from_checkpoint
+from gl_lcm.data.datasets import masked
+from gl_lcm.data.pairs import PairedDataset
+from gl_lcm.diffusion.distill import consistency_output
+from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
+from gl_lcm.diffusion.schedule import add_noise
+from gl_lcm.losses import ms_ssim
+from gl_lcm.models.factory import load_denoiser, update_ema
+from gl_lcm.train.checkpoint import load_checkpoint
+from gl_lcm.train.ldm import LDMTask, psnr_batch
+from gl_lcm.train.loop import Trainer
+
+
+def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_steps: int) -> list[int]:
+    """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits."""
+    seen: set[int] = set()
+    for n in step_counts:
+        s = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps)
+        s.set_timesteps(int(n))
+        seen.update(int(t) for t in s.timesteps.tolist())
+    return sorted(seen, reverse=True)
+
+
+def clip_ranges(timesteps: torch.Tensor, omegas: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Per-sample x0 clip range the LCM sampler uses at ``timesteps`` (B,) for base ``omegas`` (B,)."""
+    from gl_lcm.pipeline import clip_grid_index
+
+    d = cfg.diffusion
+    return torch.tensor([dynamic_clip_range(clip_grid_index(int(t), d.num_train_timesteps,
+                                                            cfg.lcm.original_inference_steps), float(o), cfg.lcm.clip_b)
+                         for t, o in zip(timesteps.tolist(), omegas.tolist())])
+
+
+class LatentImagePairs(Dataset):
+    """Global and local training items: condition latent, target latent, target image and clip base.
+
+    Latents come from the latent cache; images are read from disk per item (B x 1 x H x W in [-1, 1]).
+    """
+
+    def __init__(self, latents: dict, images: PairedDataset, paths: list[str], omegas: dict[str, float]):
+        self.latents, self.images, self.omegas = latents, images, omegas
+        self.items = [(p, i) for i in range(len(images)) for p in ("global", "local") if p in paths]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, i = self.items[index]
+        pair = self.images[i]
+        if path == "global":
+            return {"cond": self.latents["cxr"][i], "target": self.latents["bs"][i], "image": pair["bs"],
+                    "omega": torch.tensor(self.omegas["global"])}
+        return {"cond": self.latents["masked_cxr"][i], "target": self.latents["masked_bs"][i],
+                "image": masked(pair["bs"][None], pair["mask"][None])[0], "omega": torch.tensor(self.omegas["local"])}
+
+
+class OneStepTask(LDMTask):
+    name = "distill"  # a student checkpoint: the pipeline loads it like a distilled one
+
+    def build(self, trainer: Trainer) -> None:
+        cfg, o = self.cfg, self.cfg.onestep
+        super().build(trainer)  # VQGAN, latent cache, networks, schedule tables, validation data
+        self.timesteps = torch.tensor(sampler_timesteps(o.step_counts, cfg.diffusion.num_train_timesteps,
+                                                        cfg.lcm.original_inference_steps))
+        rest = (1.0 - o.first_step_weight) / max(1, len(self.timesteps) - 1)
+        probs = torch.tensor([o.first_step_weight] + [rest] * (len(self.timesteps) - 1), dtype=torch.float64)
+        self.t_cdf = (probs.cumsum(0) / probs.sum()).float()
+
+    def make_train_set(self, latents: dict, pairs) -> Dataset:
+        cfg = self.cfg
+        images = PairedDataset(pairs, cfg.data.image_size, with_mask="local" in cfg.diffusion.paths)
+        return LatentImagePairs(latents, images, list(cfg.diffusion.paths),
+                                {"global": cfg.lcm.global_omega, "local": cfg.lcm.local_omega})
+
+    def build_networks(self, trainer: Trainer) -> None:
+        """Student and its EMA start from checkpoints.student (or the teacher when that is empty)."""
+        path = self.cfg.checkpoints.student or self.cfg.checkpoints.teacher
+        start, _ = load_denoiser(path, trainer.device)
+        self.unet = copy.deepcopy(start).requires_grad_(True).train()
+        self.ema = copy.deepcopy(start).requires_grad_(False)
+
+    def modules(self):
+        return {"student": self.unet, "ema": self.ema}
+
+    def optimizer_groups(self):
+        return {"student": {"modules": ["student"], "lr": self.cfg.train.lr}}
+
+    def micro_step(self, batch, step, generator):
+        c, o = self.cfg, self.cfg.onestep
+        z0, cond, image, omega = batch["target"], batch["cond"], batch["image"], batch["omega"]
+        b, dev = z0.shape[0], z0.device
+        u = torch.rand(b, generator=generator, device=generator.device).cpu()
+        t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+        x_t = add_noise(z0, noise, t, self.alphas_cumprod)
+        out = self.trainer.net("student")(x_t, t, cond)
+        clip = clip_ranges(t.cpu(), omega.cpu(), c).to(dev) if c.lcm.dynamic_clip else None
+        z = consistency_output(out.float(), x_t, t, self.alphas_cumprod, c.diffusion.prediction_type,
+                               timestep_scaling=c.lcm.timestep_scaling, clip_range=clip)
+        pred = self.vqgan.decode(z).float()
+        mse = F.mse_loss(pred, image.float())
+        loss = o.pixel_weight * mse + o.latent_weight * F.mse_loss(z, z0)
+        logs = {"pixel_mse": float(mse.detach()), "psnr": float(psnr_batch(pred.detach().clamp(-1, 1), image).mean())}
+        if o.msssim_weight > 0:
+            sim = ms_ssim(pred.clamp(-1, 1), image.float())
+            loss = loss + o.msssim_weight * (1 - sim)
+            logs["ms_ssim"] = float(sim.detach())
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    def after_optimizer_step(self, step):
+        update_ema(self.ema, self.unet, self.cfg.train.ema_decay if step > 1 else 0.0)
+
+
+def train_onestep(cfg: Config, resume: str = "auto", progress: bool = True) -> dict[str, float]:
+    """Fine-tune checkpoints.student (or .teacher) for 1-4 step sampling; writes <train.output_dir>/model.pt."""
+    for key in ("vqgan", "teacher"):
+        if not getattr(cfg.checkpoints, key):
+            raise ValueError(f"checkpoints.{key} is empty: one-step fine-tuning needs the VQGAN and the teacher "
+                             f"(its architecture and schedule; checkpoints.student, if set, is the starting point)")
+    teacher_cfg = config_from_checkpoint(load_checkpoint(cfg.checkpoints.teacher, expect_kind="ldm")["config"])
+    cfg.unet, cfg.diffusion = teacher_cfg.unet, teacher_cfg.diffusion
+    return Trainer(cfg, OneStepTask(cfg), resume=resume, progress=progress).fit()

@@ -1,0 +1,50 @@
+"""One-step fine-tuning: the timesteps it trains on, and that its training estimate is exactly what
+one LCM sampler step returns (checked against diffusers' LCMScheduler)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import LCMScheduler as Reference
+
+from gl_lcm.config import load_config
+from gl_lcm.diffusion.distill import consistency_output
+from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas
+from gl_lcm.train.onestep import clip_ranges, sampler_timesteps
+
+
+def test_sampler_timesteps_are_the_union_of_diffusers_lcm_timesteps():
+    union = set()
+    for n in (1, 2, 4):
+        s = Reference(original_inference_steps=50)
+        s.set_timesteps(n)
+        union |= set(s.timesteps.tolist())
+    assert sampler_timesteps([1, 2, 4], 1000, 50) == sorted(union, reverse=True) == [999, 759, 499, 259]
+    assert sampler_timesteps([1], 1000, 50) == [999]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_estimate_is_one_lcm_step(prediction_type):
+    """consistency_output with the sampler's clip range == diffusers' LCM step 'denoised' at the same t,
+    for the global and the local clip base (omega + b j, j on the 50-point grid)."""
+    cfg = load_config(None, ["lcm.global_omega=0.5", "lcm.local_omega=0.9", "lcm.clip_b=0.05",
+                             f"diffusion.prediction_type={prediction_type}"])
+    d = cfg.diffusion
+    ac = alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end))
+    g = torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([999, 759, 499, 259])
+    omegas = torch.tensor([0.5, 0.9, 0.5, 0.9])
+    x_t = torch.randn(4, 4, 8, 8, generator=g) * 1.5
+    out = torch.randn(4, 4, 8, 8, generator=g)
+    ours = consistency_output(out, x_t, timesteps, ac, prediction_type, timestep_scaling=cfg.lcm.timestep_scaling,
+                              clip_range=clip_ranges(timesteps, omegas, cfg))
+    for i, (t, omega) in enumerate(zip(timesteps.tolist(), omegas.tolist())):
+        j = (999 - t) // 20  # position of t on the 50-point grid 999, 979, ..., 19
+        ref = Reference(beta_start=d.beta_start, beta_end=d.beta_end, beta_schedule=d.beta_schedule,
+                        prediction_type=prediction_type, original_inference_steps=50, clip_sample=True,
+                        clip_sample_range=omega + 0.05 * j, timestep_scaling=cfg.lcm.timestep_scaling)
+        ref.set_timesteps(4)
+        ref.set_begin_index(ref.timesteps.tolist().index(t))
+        denoised = ref.step(out[i:i + 1], t, x_t[i:i + 1], generator=torch.Generator().manual_seed(1)).denoised
+        torch.testing.assert_close(ours[i:i + 1], denoised, atol=1e-5, rtol=1e-5)
+    unclipped = consistency_output(out, x_t, timesteps, ac, prediction_type, timestep_scaling=10.0)
+    assert (unclipped - ours).abs().max() > 0.1  # the clip range binds here
