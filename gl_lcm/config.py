@@ -139,7 +139,10 @@ class SegmentationConfig:
 @dataclass
 class FusionConfig:
     mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
-    backend: str = opt("float", "Poisson solver: float (sparse solve, keeps 16-bit precision) or opencv (seamlessClone)", choices=["float", "opencv"])
+    backend: str = opt("torch", "Poisson solver: torch (DST-preconditioned CG on the model's device; the float "
+                                "solution to ~3e-5, about 10x faster), float (sparse direct solve on the CPU, keeps "
+                                "16-bit precision) or opencv (seamlessClone, 8-bit, as published)",
+                       choices=["torch", "float", "opencv"])
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
     erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
                            "dark decoder rim (about one latent cell) out", min=0)

@@ -174,13 +174,15 @@ def fusion_mask(mask: np.ndarray, erode_px: int) -> np.ndarray:
     return cv2.erode(m.astype(np.uint8), k) > 0
 
 
-def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask) -> np.ndarray:
+def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask, device=None) -> np.ndarray:
     """fusion.fuse with the config's backend, feathering (pixels at 1024, scaled to the image size)
     and mask erosion (pixels of the model's images: the decoder rim is about a latent cell wide
-    whatever the resolution)."""
+    whatever the resolution). ``device``: where the torch Poisson backend solves (default cpu)."""
     scale = global_img.shape[0] / 1024
     mask = fusion_mask(mask, cfg.fusion.erode_px)
     if mode == "poisson":
+        if cfg.fusion.backend == "torch":
+            return fuse(mode, global_img, local_img, mask, backend="torch", device=device)
         return fuse(mode, global_img, local_img, mask, backend="scipy" if cfg.fusion.backend == "float" else "opencv")
     if mode == "alpha":
         return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * scale)
@@ -281,7 +283,7 @@ class GLLCMPipeline:
         mode = fusion_mode or cfg.fusion.mode
         for i, name in enumerate(names):
             g, l = postprocess_paths(cxr_s[i], decoded[i], decoded[b + i], mask_s[i])
-            fused = fuse_with_config(cfg, mode, g, l, mask_s[i])
+            fused = fuse_with_config(cfg, mode, g, l, mask_s[i], device=dev)
             results.append(GLLCMResult(name, g, l, np.clip(fused, 0, 1).astype(np.float32), mask_s[i]))
         tick("fusion", t0)
         per_image = {k: v / b for k, v in times.items()}
