@@ -195,6 +195,13 @@ class EvalConfig:
     batch_size: int = opt(2, "images sampled together (results do not depend on it)", min=1)
     save_figures: bool = opt(True, "write CXR | prediction | ground truth | |difference| figures")
     bit_depth: int = opt(8, "bit depth of written predictions", choices=[8, 16])
+    precision: str = opt("fp32", "UNet precision at inference: fp32, or bf16 / fp16 under autocast (ours; the "
+                                 "published code runs fp32)", choices=["fp32", "bf16", "fp16"])
+    vqgan_precision: str = opt("fp32", "VQGAN encode/decode precision (fp32 keeps the output pixels exact)",
+                               choices=["fp32", "bf16", "fp16"])
+    compile: bool = opt(False, "torch.compile the UNet for fixed-shape sampling (first batch compiles; pays off "
+                               "on GPUs over many batches)")
+    channels_last: bool = opt(True, "channels_last memory format for the UNet and VQGAN on CUDA (ignored on CPU)")
 
 
 @dataclass

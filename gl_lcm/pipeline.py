@@ -228,7 +228,13 @@ class GLLCMPipeline:
     """The method of the paper over trained parts: a VQGAN, a denoiser (teacher or student) and a config."""
 
     def __init__(self, vqgan, unet, cfg: Config, device: torch.device):
+        from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
+
         self.vqgan, self.unet, self.cfg, self.device = vqgan, unet, cfg, device
+        e = cfg.eval
+        # how the networks run (eval.precision / vqgan_precision / compile / channels_last); fp32 = the modules
+        self.denoiser = prepare_denoiser(unet, device, e.precision, e.compile, e.channels_last)
+        self.codec = prepare_vqgan(vqgan, device, e.vqgan_precision, e.channels_last)
 
     @classmethod
     def from_config(cls, cfg: Config, model: Optional[str] = None) -> "GLLCMPipeline":
@@ -270,14 +276,14 @@ class GLLCMPipeline:
         mask_s = [_resize(m.astype(np.float32), size, cv2.INTER_NEAREST) > 0.5 for m in masks]
         x = torch.from_numpy(np.stack(cxr_s))[:, None].to(dev) * 2 - 1
         m = torch.from_numpy(np.stack(mask_s).astype(np.float32))[:, None].to(dev)
-        both = self.vqgan.encode(torch.cat([x, masked(x, m)]))
+        both = self.codec.encode(torch.cat([x, masked(x, m)]))
         b = len(names)
         t0 = tick("encode", t0)
         gens = image_generators(cfg.seed, names)
-        z_g, z_l = dual_path_sample(self.unet, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
+        z_g, z_l = dual_path_sample(self.denoiser, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
                                     batched=batched)
         t0 = tick("sampling", t0)
-        decoded = _to01(self.vqgan.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
+        decoded = _to01(self.codec.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
         t0 = tick("decode", t0)
         results = []
         mode = fusion_mode or cfg.fusion.mode
