@@ -202,6 +202,8 @@ class EvalConfig:
     compile: bool = opt(False, "torch.compile the UNet for fixed-shape sampling (first batch compiles; pays off "
                                "on GPUs over many batches)")
     channels_last: bool = opt(True, "channels_last memory format for the UNet and VQGAN on CUDA (ignored on CPU)")
+    loader_workers: int = opt(2, "threads that read, decode and segment the next batches while the model samples "
+                                 "(0 = load in the main thread)", min=0)
 
 
 @dataclass

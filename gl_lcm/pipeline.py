@@ -237,12 +237,13 @@ class GLLCMPipeline:
         self.codec = prepare_vqgan(vqgan, device, e.vqgan_precision, e.channels_last)
 
     @classmethod
-    def from_config(cls, cfg: Config, model: Optional[str] = None) -> "GLLCMPipeline":
-        """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config."""
+    def from_config(cls, cfg: Config, model: Optional[str] = None, device: Optional[torch.device] = None) -> "GLLCMPipeline":
+        """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config, on ``device``
+        (default: cfg.device resolved; torchrun ranks pass their own GPU)."""
         from gl_lcm.models.factory import load_denoiser, load_vqgan
         from gl_lcm.utils.dist import resolve_device
 
-        device = resolve_device(cfg.device)
+        device = device if device is not None else resolve_device(cfg.device)
         which = model or cfg.eval.model
         path = getattr(cfg.checkpoints, which)
         if not path:
