@@ -102,7 +102,7 @@ def inference(cuda: bool) -> list[dict]:
     if cuda:
         argv = ["--table", "gpu", "--device", "cuda", "--vqgan-config", str(REPO / "configs" / "vqgan_paper.yaml"),
                 "--unet-config", str(REPO / "configs" / "unet_paper.yaml"), "--image-size", "1024",
-                "--batch-sizes", "1", "8", "--repeats", "2", "--row-budget-s", "25"]
+                "--batch-sizes", "1", "8", "--repeats", "2", "--row-budget-s", "20"]
         part = "inference 1024 px, paper-sized (random weights)"
     else:
         argv = ["--table", "gpu", "--device", "cpu", "--image-size", "128", "--batch-sizes", "1", "--repeats", "1",
