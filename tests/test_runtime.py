@@ -67,7 +67,7 @@ def test_reduced_precision_on_cpu_runs_and_stays_close(parts, precision, dtype):
     assert set(vqgan_convs) == {torch.float32}
     diffs = [np.abs(r.global_img - l.global_img).mean() for r, l in zip(ref, low)]
     print(f"{precision} vs fp32, mean |global diff| per image: {diffs}")
-    assert all(0 < d < 0.02 for d in diffs)  # really different arithmetic, yet close
+    assert max(diffs) > 0 and all(d < 0.02 for d in diffs)  # really different arithmetic, yet close
     for r in low:
         assert r.fused.dtype == np.float32 and np.isfinite(r.fused).all()
 
