@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
 from gl_lcm.data.io import list_images, read_image, write_png
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text
+from gl_lcm.utils.atomic import atomic_path, atomic_write_text, ensure_writable
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -124,6 +124,7 @@ class ErrorLog:
 def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
     """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures."""
     out = Path(out_dir)
+    ensure_writable(out, "--out")
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
     ok = 0
@@ -432,12 +433,12 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
     with ranks(cfg) as info:
         lpips_metric = build_lpips(cfg, no_lpips) if info.is_main else None  # fail on missing weights before any work
         stems, cxr_files, gt_files = _split_files(cfg, split)
+        out = Path(cfg.eval.output_dir)
+        ensure_writable(out, "eval.output_dir")
         if pipeline is None:
             from gl_lcm.pipeline import GLLCMPipeline
 
             pipeline = GLLCMPipeline.from_config(cfg, device=info.device)
-        out = Path(cfg.eval.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
             save_config(cfg, out / "config.yaml")
         seg = Segmenter(cfg, out, overwrite=overwrite, device=info.device)
