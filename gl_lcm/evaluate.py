@@ -2,6 +2,12 @@
 
 Outputs are written atomically; a rerun skips finished images (``overwrite`` redoes them);
 a failing image is recorded in errors.csv with its reason and the batch goes on.
+
+Under ``torchrun --nproc_per_node=N`` evaluate and suppress split the work across ranks (ours):
+evaluate deals out whole batches (batch i to rank i mod N, so every batch holds the same images as
+in one process and the outputs are byte-identical), suppress deals out images; each rank keeps
+its own errors / timing shard under shards/, and after a barrier rank 0 merges them and writes
+the metrics table.
 """
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ import csv
 import io as _io
 import time
 import traceback
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +41,7 @@ class Segmenter:
     A cached mask is reused unless ``overwrite``.
     """
 
-    def __init__(self, cfg: Config, out_dir: Optional[Path], overwrite: bool = False):
+    def __init__(self, cfg: Config, out_dir: Optional[Path], overwrite: bool = False, device=None):
         self.cfg, self.overwrite = cfg, overwrite
         self.mask_dir = out_dir / "masks" if out_dir else None
         self.overlay_dir = out_dir / "overlays" if out_dir else None
@@ -44,7 +53,7 @@ class Segmenter:
             if not cfg.checkpoints.segnet:
                 raise ValueError("segmentation.method is 'unet' but checkpoints.segnet is empty: train one with "
                                  "`gl-lcm train-seg` or use segmentation.method=classical")
-            self.device = resolve_device(cfg.device)
+            self.device = device if device is not None else resolve_device(cfg.device)
             self.model, _ = load_segnet(cfg.checkpoints.segnet, self.device)
         if cfg.segmentation.method == "folder" and not cfg.segmentation.mask_dir:
             raise ValueError("segmentation.method is 'folder' but segmentation.mask_dir is empty")
@@ -132,6 +141,68 @@ def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
     return {"succeeded": ok, "failed": len(files) - ok}
 
 
+# ---------------------------------------------------------------------------- ranks (torchrun)
+@contextmanager
+def ranks(cfg: Config):
+    """DistInfo of this process: torchrun's rank and world size (a process group is started and, if
+    started here, ended on exit), or rank 0 of 1 without torchrun."""
+    import torch.distributed as tdist
+
+    from gl_lcm.utils.dist import cleanup_distributed, init_distributed
+
+    owned = not (tdist.is_available() and tdist.is_initialized())
+    info = init_distributed(cfg.device)
+    try:
+        yield info
+    finally:
+        if owned and info.distributed:
+            cleanup_distributed()
+
+
+def _gather(obj, world_size: int) -> list:
+    """Every rank's ``obj`` (a list of one for a single process)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as tdist
+
+    out = [None] * world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _shard_paths(out: Path, name: str, rank: int, world_size: int) -> Path:
+    """out/<name>.csv for one process; out/shards/<name>.rank<r>.csv for rank r of several."""
+    if world_size == 1:
+        return out / f"{name}.csv"
+    return out / "shards" / f"{name}.rank{rank}.csv"
+
+
+def _rank_error_log(out: Path, rank: int, world_size: int, mine: Sequence[str]) -> ErrorLog:
+    """This rank's ErrorLog: out/errors.csv itself for one process; otherwise a fresh shard holding
+    the rows of out/errors.csv for the images this rank handles (so they can be cleared on success)."""
+    path = _shard_paths(out, "errors", rank, world_size)
+    if world_size == 1:
+        return ErrorLog(path)
+    path.unlink(missing_ok=True)
+    log = ErrorLog(path)
+    previous = ErrorLog(out / "errors.csv").rows
+    log.rows = {k: v for k, v in previous.items() if k in set(mine)}
+    log.flush()
+    return log
+
+
+def _merge_error_shards(out: Path, world_size: int, handled: Sequence[str]) -> None:
+    """Rank 0, after the barrier: errors.csv = old rows of images no rank handled + every shard's rows."""
+    merged = ErrorLog(out / "errors.csv")
+    handled = set(handled)
+    merged.rows = {k: v for k, v in merged.rows.items() if k not in handled}
+    for r in range(world_size):
+        shard = _shard_paths(out, "errors", r, world_size)
+        merged.rows.update(ErrorLog(shard).rows)
+        shard.unlink(missing_ok=True)
+    merged.flush()
+
+
 # ---------------------------------------------------------------------------- evaluate
 TIMING_STAGES = ("segmentation", "encode", "sampling", "decode", "fusion")
 
@@ -172,42 +243,96 @@ class RunCounts:
     succeeded: int = 0
     failed: int = 0
     skipped: int = 0
+    handled: list = field(default_factory=list)  # images this run set out to process (all ranks)
+
+
+def _load_batch(seg: "Segmenter", batch: Sequence[str], cxr_files: dict[str, Path]) -> list:
+    """Read, decode and segment one batch: [(stem, cxr, mask, seconds) or (stem, exception)]."""
+    items = []
+    for stem in batch:
+        try:
+            t0 = time.perf_counter()
+            cxr, _ = read_image(cxr_files[stem])
+            mask = seg(stem, cxr)
+            items.append((stem, cxr, mask, time.perf_counter() - t0))
+        except (ValueError, FileNotFoundError) as exc:
+            items.append((stem, exc))
+    return items
+
+
+def _prefetched(load, batches: Sequence, workers: int):
+    """Yield ``load(batch)`` for each batch in order; with ``workers`` > 0 a thread pool loads up to
+    ``workers + 1`` batches ahead while the caller samples (image decoding and OpenCV release the GIL)."""
+    if workers <= 0:
+        for batch in batches:
+            yield load(batch)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gl-lcm-loader") as pool:
+        pending = deque()
+        todo = iter(batches)
+        for batch in todo:
+            pending.append(pool.submit(load, batch))
+            if len(pending) > workers:
+                break
+        while pending:
+            items = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
+            yield items
+
+
+def _is_done(out: Path, stem: str, extra_fusions: Sequence[str]) -> bool:
+    return (out / "fused" / f"{stem}.png").is_file() and all(
+        (out / f"fused_{m}" / f"{stem}.png").is_file() for m in extra_fusions)
 
 
 def run_pipeline_on_split(cfg: Config, pipeline, stems: Sequence[str], cxr_files: dict[str, Path],
                           gt_files: dict[str, Path], out: Path, overwrite: bool = False,
                           guidance_mode: Optional[str] = None, fusion_modes: Sequence[str] = (),
-                          progress: bool = True, figures: bool = True) -> RunCounts:
+                          progress: bool = True, figures: bool = True, rank: int = 0, world_size: int = 1,
+                          segmenter: Optional["Segmenter"] = None) -> RunCounts:
     """Segment, sample and fuse every stem; writes global/, local/, fused/ (+ fused_<mode>/), masks,
-    overlays, figures, timing.csv and errors.csv under ``out``. Finished images are skipped."""
+    overlays, figures, timing.csv and errors.csv under ``out``. Finished images are skipped.
+
+    With ``world_size`` > 1 (torchrun) this rank handles batches rank, rank + N, ... of the unfinished
+    images and keeps errors / timings in out/shards/; the caller merges them after a barrier
+    (:func:`merge_rank_shards`). Counts are this rank's.
+    """
+    from gl_lcm.utils.dist import barrier
+
     counts = RunCounts()
-    seg = Segmenter(cfg, out, overwrite=overwrite)
-    errors = ErrorLog(out / "errors.csv")
-    timing_path = out / "timing.csv"
-    timings = _read_timings(timing_path)
+    seg = segmenter or Segmenter(cfg, out, overwrite=overwrite)
+    if rank == 0:
+        _fold_stale_shards(out)  # shards left by an interrupted sharded run (no rank writes shards yet)
     extra_fusions = [m for m in fusion_modes if m != cfg.fusion.mode]
     todo = []
     for stem in stems:
-        done = (out / "fused" / f"{stem}.png").is_file() and all(
-            (out / f"fused_{m}" / f"{stem}.png").is_file() for m in extra_fusions)
-        if done and not overwrite:
+        if _is_done(out, stem, extra_fusions) and not overwrite:
             counts.skipped += 1
         else:
             todo.append(stem)
-    bar = tqdm(total=len(todo), desc="GL-LCM", unit="img", disable=not progress)
-    for batch in _batches(todo, cfg.eval.batch_size):
+    if world_size > 1:
+        barrier()  # every rank has listed the unfinished images before any rank writes new ones
+        counts.skipped = counts.skipped if rank == 0 else 0  # counted once
+    batches = list(_batches(todo, cfg.eval.batch_size))[rank::world_size]
+    mine = [s for batch in batches for s in batch]
+    errors = _rank_error_log(out, rank, world_size, mine)
+    timing_path = _shard_paths(out, "timing", rank, world_size)
+    timings = _read_timings(timing_path) if world_size == 1 else {}
+    bar = tqdm(total=len(mine), desc="GL-LCM" + (f" rank {rank}" if world_size > 1 else ""), unit="img",
+               disable=not progress)
+    loaded = _prefetched(lambda batch: _load_batch(seg, batch, cxr_files), batches, cfg.eval.loader_workers)
+    for items in loaded:
         names, cxrs, masks, seg_times = [], [], [], []
-        for stem in batch:
-            try:
-                t0 = time.perf_counter()
-                cxr, _ = read_image(cxr_files[stem])
-                mask = seg(stem, cxr)
-                seg_times.append(time.perf_counter() - t0)
-                names.append(stem), cxrs.append(cxr), masks.append(mask)
-            except (ValueError, FileNotFoundError) as exc:
-                errors.add(stem, "segmentation", exc)
+        for item in items:
+            if len(item) == 2:
+                errors.add(item[0], "segmentation", item[1])
                 counts.failed += 1
                 bar.update(1)
+                continue
+            stem, cxr, mask, st = item
+            names.append(stem), cxrs.append(cxr), masks.append(mask), seg_times.append(st)
         if not names:
             continue
         try:
@@ -240,7 +365,44 @@ def run_pipeline_on_split(cfg: Config, pipeline, stems: Sequence[str], cxr_files
         _write_timings(timing_path, timings)
         bar.update(len(names))
     bar.close()
+    if world_size > 1:
+        _write_timings(timing_path, timings)  # an (empty) shard from every rank
+    counts.handled = todo
     return counts
+
+
+def _fold_stale_shards(out: Path) -> None:
+    """Fold timing / errors shards of an interrupted sharded run into timing.csv / errors.csv."""
+    shard_dir = out / "shards"
+    if not shard_dir.is_dir():
+        return
+    timing_shards = sorted(shard_dir.glob("timing.rank*.csv"))
+    if timing_shards:
+        timings = _read_timings(out / "timing.csv")
+        for shard in timing_shards:
+            timings.update(_read_timings(shard))
+            shard.unlink()
+        _write_timings(out / "timing.csv", timings)
+    error_shards = sorted(shard_dir.glob("errors.rank*.csv"))
+    if error_shards:
+        merged = ErrorLog(out / "errors.csv")
+        for shard in error_shards:
+            merged.rows.update(ErrorLog(shard).rows)
+            shard.unlink()
+        merged.flush()
+
+
+def merge_rank_shards(out: Path, world_size: int, handled: Sequence[str]) -> None:
+    """Rank 0 after the barrier: fold every rank's timing and errors shard into timing.csv / errors.csv."""
+    if world_size == 1:
+        return
+    timings = _read_timings(out / "timing.csv")
+    for r in range(world_size):
+        shard = _shard_paths(out, "timing", r, world_size)
+        timings.update(_read_timings(shard))
+        shard.unlink(missing_ok=True)
+    _write_timings(out / "timing.csv", timings)
+    _merge_error_shards(out, world_size, handled)
 
 
 def _split_files(cfg: Config, split: Optional[str]):
@@ -261,18 +423,41 @@ def _finish_metrics(cfg: Config, out: Path, pred_sub: str, name: str, stems, lpi
 
 def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = False, no_lpips: bool = False,
                    progress: bool = True, pipeline=None) -> dict:
-    """`gl-lcm evaluate`: GL-LCM over a split, then the metrics table (global, local, fused)."""
-    from gl_lcm.metrics import markdown_table
-    from gl_lcm.pipeline import GLLCMPipeline
+    """`gl-lcm evaluate`: GL-LCM over a split, then the metrics table (global, local, fused).
 
-    lpips_metric = build_lpips(cfg, no_lpips)  # fail on missing weights before any work
-    stems, cxr_files, gt_files = _split_files(cfg, split)
-    out = Path(cfg.eval.output_dir)
-    ensure_writable(out, "eval.output_dir")
-    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
-    save_config(cfg, out / "config.yaml")
-    counts = run_pipeline_on_split(cfg, pipeline, stems, cxr_files, gt_files, out, overwrite=overwrite,
-                                   progress=progress)
+    Under torchrun the images are sharded across ranks (see the module docstring); rank 0 writes the
+    table once every rank has finished, and returns the summaries (other ranks return their counts only).
+    """
+    from gl_lcm.utils.dist import barrier
+
+    with ranks(cfg) as info:
+        lpips_metric = build_lpips(cfg, no_lpips) if info.is_main else None  # fail on missing weights before any work
+        stems, cxr_files, gt_files = _split_files(cfg, split)
+        out = Path(cfg.eval.output_dir)
+        ensure_writable(out, "eval.output_dir")
+        if pipeline is None:
+            from gl_lcm.pipeline import GLLCMPipeline
+
+            pipeline = GLLCMPipeline.from_config(cfg, device=info.device)
+        if info.is_main:
+            save_config(cfg, out / "config.yaml")
+        seg = Segmenter(cfg, out, overwrite=overwrite, device=info.device)
+        counts = run_pipeline_on_split(cfg, pipeline, stems, cxr_files, gt_files, out, overwrite=overwrite,
+                                       progress=progress, rank=info.rank, world_size=info.world_size,
+                                       segmenter=seg)
+        handled = counts.handled  # the same list on every rank
+        all_counts = _gather(counts, info.world_size)
+        barrier()  # every rank has written its images and shards
+        if not info.is_main:
+            return {"counts": counts, "summaries": {}, "timing": {}}
+        merge_rank_shards(out, info.world_size, handled)
+        counts = RunCounts(*(sum(getattr(c, f) for c in all_counts) for f in ("succeeded", "failed", "skipped")))
+        return _write_report(cfg, out, stems, lpips_metric, counts)
+
+
+def _write_report(cfg: Config, out: Path, stems, lpips_metric, counts: RunCounts) -> dict:
+    from gl_lcm.metrics import markdown_table
+
     summaries = {}
     for sub, name in (("global", "global path"), ("local", "local path"), ("fused", "GL-LCM (fused)")):
         if (out / sub).is_dir():
@@ -296,28 +481,44 @@ def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: int = 8,
     """`gl-lcm suppress`: one image, a folder or DICOM files -> soft-tissue PNG at the input's original size.
 
     A single input file with an output ending in .png writes that file; otherwise ``output`` is a folder.
+    Under torchrun rank r handles images r, r + N, ... (sorted by name); rank 0 merges errors.csv
+    after every rank has finished. Returns this process's counts (rank 0: the totals).
     """
-    from gl_lcm.pipeline import GLLCMPipeline
+    from gl_lcm.utils.dist import barrier
 
     files = _inputs(input_path)
     out = Path(output)
     single = len(files) == 1 and Path(input_path).is_file() and out.suffix.lower() == ".png"
-    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
-    seg = Segmenter(cfg, None)
-    counts = RunCounts()
-    errors = ErrorLog((out.parent if single else out) / "errors.csv")
-    for name, path in tqdm(sorted(files.items()), desc="suppress", unit="img"):
-        try:
-            image, _ = read_image(path)
-            mask = seg(name, image)
-            r = pipeline.run([name], [image], [mask])[0]
-            h, w = image.shape
-            result = cv2.resize(r.fused, (w, h), interpolation=cv2.INTER_CUBIC) if (h, w) != r.fused.shape else r.fused
-            write_png(out if single else out / f"{name}.png", np.clip(result, 0, 1), bit_depth)
-            counts.succeeded += 1
-        except (ValueError, FileNotFoundError) as exc:
-            errors.add(name, "suppress", exc)
-            counts.failed += 1
+    with ranks(cfg) as info:
+        if pipeline is None:
+            from gl_lcm.pipeline import GLLCMPipeline
+
+            pipeline = GLLCMPipeline.from_config(cfg, device=info.device)
+        seg = Segmenter(cfg, None, device=info.device)
+        counts = RunCounts()
+        log_dir = out.parent if single else out
+        mine = sorted(files.items())[info.rank::info.world_size]
+        errors = _rank_error_log(log_dir, info.rank, info.world_size, [n for n, _ in mine])
+        for name, path in tqdm(mine, desc="suppress", unit="img"):
+            try:
+                image, _ = read_image(path)
+                mask = seg(name, image)
+                r = pipeline.run([name], [image], [mask])[0]
+                h, w = image.shape
+                result = cv2.resize(r.fused, (w, h), interpolation=cv2.INTER_CUBIC) if (h, w) != r.fused.shape else r.fused
+                write_png(out if single else out / f"{name}.png", np.clip(result, 0, 1), bit_depth)
+                errors.clear(name)
+                counts.succeeded += 1
+            except (ValueError, FileNotFoundError) as exc:
+                errors.add(name, "suppress", exc)
+                counts.failed += 1
+        all_counts = _gather(counts, info.world_size)
+        barrier()
+        if not info.is_main:
+            return counts
+        if info.distributed:
+            _merge_error_shards(log_dir, info.world_size, list(files))
+            counts = RunCounts(sum(c.succeeded for c in all_counts), sum(c.failed for c in all_counts), 0)
     print(f"suppress: {counts.succeeded} succeeded, {counts.failed} failed -> {out}")
     return counts
 

@@ -177,13 +177,15 @@ def fusion_mask(mask: np.ndarray, erode_px: int) -> np.ndarray:
     return cv2.erode(m.astype(np.uint8), k) > 0
 
 
-def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask) -> np.ndarray:
+def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask, device=None) -> np.ndarray:
     """fusion.fuse with the config's backend, feathering (pixels at 1024, scaled to the image size)
     and mask erosion (pixels of the model's images: the decoder rim is about a latent cell wide
-    whatever the resolution)."""
+    whatever the resolution). ``device``: where the torch Poisson backend solves (default cpu)."""
     scale = global_img.shape[0] / 1024
     mask = fusion_mask(mask, cfg.fusion.erode_px)
     if mode == "poisson":
+        if cfg.fusion.backend == "torch":
+            return fuse(mode, global_img, local_img, mask, backend="torch", device=device)
         return fuse(mode, global_img, local_img, mask, backend="scipy" if cfg.fusion.backend == "float" else "opencv")
     if mode == "alpha":
         return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * scale)
@@ -229,15 +231,22 @@ class GLLCMPipeline:
     """The method of the paper over trained parts: a VQGAN, a denoiser (teacher or student) and a config."""
 
     def __init__(self, vqgan, unet, cfg: Config, device: torch.device):
+        from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
+
         self.vqgan, self.unet, self.cfg, self.device = vqgan, unet, cfg, device
+        e = cfg.eval
+        # how the networks run (eval.precision / vqgan_precision / compile / channels_last); fp32 = the modules
+        self.denoiser = prepare_denoiser(unet, device, e.precision, e.compile, e.channels_last)
+        self.codec = prepare_vqgan(vqgan, device, e.vqgan_precision, e.channels_last)
 
     @classmethod
-    def from_config(cls, cfg: Config, model: Optional[str] = None) -> "GLLCMPipeline":
-        """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config."""
+    def from_config(cls, cfg: Config, model: Optional[str] = None, device: Optional[torch.device] = None) -> "GLLCMPipeline":
+        """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config, on ``device``
+        (default: cfg.device resolved; torchrun ranks pass their own GPU)."""
         from gl_lcm.models.factory import check_latent_fits_unet, load_denoiser, load_vqgan
         from gl_lcm.utils.dist import resolve_device
 
-        device = resolve_device(cfg.device)
+        device = device if device is not None else resolve_device(cfg.device)
         which = model or cfg.eval.model
         path = getattr(cfg.checkpoints, which)
         if not path:
@@ -272,20 +281,20 @@ class GLLCMPipeline:
         mask_s = [_resize(m.astype(np.float32), size, cv2.INTER_NEAREST) > 0.5 for m in masks]
         x = torch.from_numpy(np.stack(cxr_s))[:, None].to(dev) * 2 - 1
         m = torch.from_numpy(np.stack(mask_s).astype(np.float32))[:, None].to(dev)
-        both = self.vqgan.encode(torch.cat([x, masked(x, m)]))
+        both = self.codec.encode(torch.cat([x, masked(x, m)]))
         b = len(names)
         t0 = tick("encode", t0)
         gens = image_generators(cfg.seed, names)
-        z_g, z_l = dual_path_sample(self.unet, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
+        z_g, z_l = dual_path_sample(self.denoiser, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
                                     batched=batched)
         t0 = tick("sampling", t0)
-        decoded = _to01(self.vqgan.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
+        decoded = _to01(self.codec.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
         t0 = tick("decode", t0)
         results = []
         mode = fusion_mode or cfg.fusion.mode
         for i, name in enumerate(names):
             g, l = postprocess_paths(cxr_s[i], decoded[i], decoded[b + i], mask_s[i])
-            fused = fuse_with_config(cfg, mode, g, l, mask_s[i])
+            fused = fuse_with_config(cfg, mode, g, l, mask_s[i], device=dev)
             results.append(GLLCMResult(name, g, l, np.clip(fused, 0, 1).astype(np.float32), mask_s[i]))
         tick("fusion", t0)
         per_image = {k: v / b for k, v in times.items()}

@@ -89,3 +89,46 @@ def test_bench_metrics_smoke():
     assert len(rows) == 5, rows
     assert rows[-1].startswith("| building the LPIPS network (once)")
     assert "LPIPS weights:" in out and "Machine:" in out
+
+
+def test_bench_fusion_smoke():
+    out = run_script("bench_fusion.py", "--size", "96", "--repeats", "1", "--threads", "1")
+    rows = table_rows(out, "| Method | Device | ms / image | vs seamlessClone |")
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names[0].startswith("float sparse") and names[-1].startswith("OpenCV seamlessClone")
+    assert any(n.startswith("torch DST-CG") for n in names)
+    torch_row = next(r for r in rows if "torch DST-CG float32" in r)
+    assert float(torch_row.split("|")[5]) < 1e-4  # agreement with the float solver is part of the table
+    assert "Machine:" in out
+
+
+def test_bench_inference_smoke():
+    out = run_script("bench_inference.py", "--table", "cpu", "--image-size", "64", "--repeats", "1", "--threads", "1",
+                     "--student-steps", "1")
+    rows = table_rows(out, "| Row | Batch | UNet calls / batch | Precision | Fusion | segment s |")
+    assert [r.split("|")[1].strip().split(":")[0] for r in rows] == ["before", "after"]
+    assert [r.split("|")[5].strip() for r in rows] == ["float", "torch"]
+    assert "Machine:" in out
+
+
+def test_gpu_check_cpu_mode():
+    """gpu_check.sh without CUDA: one table, the cuda tests reported as skipped, the skipped parts named."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("CPU mode only (on a CUDA machine the script runs the full GPU check)")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
+    out = proc.stdout
+    assert out.count("| Part | Case | Result |") == 1  # ONE table
+    rows = table_rows(out, "| Part | Case | Result |")
+    parts = {r.split("|")[1].strip().split(" ")[0] for r in rows}
+    assert {"cuda", "inference", "fusion"} <= parts
+    cuda_rows = [r for r in rows if r.startswith("| cuda tests")]
+    assert len(cuda_rows) >= 4 and all("skipped" in r for r in cuda_rows)
+    assert "Skipped without CUDA:" in out and "training runs" in out and "Machine:" in out

@@ -6,6 +6,8 @@ import time
 import cv2
 import numpy as np
 import pytest
+import scipy.fft
+import torch
 
 from gl_lcm.data.phantom import generate_phantom
 from gl_lcm.fusion import (
@@ -16,8 +18,10 @@ from gl_lcm.fusion import (
     interior_mask,
     poisson_fuse,
     poisson_fuse_opencv,
+    poisson_fuse_torch,
     seamless_clone_center,
 )
+from gl_lcm import fusion as fusion_module
 
 
 def _scene(size=128, seed=3):
@@ -167,12 +171,102 @@ def test_fuse_dispatch_and_validation():
     np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask), poisson_fuse(global_img, local_img, mask))
     with pytest.raises(ValueError, match=", ".join(FUSION_MODES)):
         fuse("laplacian", global_img, local_img, mask)
-    with pytest.raises(ValueError, match="scipy, opencv"):
+    with pytest.raises(ValueError, match="scipy, torch, opencv"):
         fuse("poisson", global_img, local_img, mask, backend="gpu")
     with pytest.raises(ValueError, match="shape"):
         poisson_fuse(global_img, local_img[:10], mask)
     with pytest.raises(ValueError, match="mask shape"):
         poisson_fuse(global_img, local_img, mask[:, :10])
+
+
+def _two_lungs_with_hole(size=128, seed=3):
+    """Phantom scene whose mask has two components, a hole and a component touching the image border."""
+    global_img, local_img, mask = _scene(size, seed)
+    mask = mask.copy()
+    mask[size // 2, size // 4:size // 4 + 3] = False  # a hole (fixed pixels inside the region)
+    mask[size - 12:, size - 10:] = True  # a third component reaching the border ring
+    return global_img, local_img, mask
+
+
+def test_torch_poisson_equals_float_solver():
+    global_img, local_img, mask = _two_lungs_with_hole(128)
+    exact = poisson_fuse(global_img, local_img, mask, clip=False)
+    # float64 and a tight tolerance: the same solution as the sparse direct solve
+    tight = poisson_fuse_torch(global_img, local_img, mask, clip=False, dtype=torch.float64, tol=1e-12)
+    assert tight.dtype == np.float32 and tight.shape == global_img.shape
+    assert len(poisson_fuse_torch.last_iterations) == 3  # one CG solve per 4-connected component
+    np.testing.assert_allclose(tight, exact, atol=1e-6)
+    # the defaults (float32, tol 3e-5) stay within 1e-4 of it
+    default = poisson_fuse_torch(global_img, local_img, mask, clip=False)
+    diff = np.abs(default - exact).max()
+    print(f"torch float32 defaults vs sparse float64: max |diff| {diff:.2e}")
+    assert diff < 1e-4
+    # outside the mask: exactly the global image
+    assert np.array_equal(default[~mask], global_img.astype(np.float32)[~mask])
+    # the dense pixel-by-pixel reference of the small irregular case, too
+    rng = np.random.default_rng(0)
+    g, l = rng.random((12, 14)), rng.random((12, 14))
+    m = np.zeros((12, 14), bool)
+    m[2:9, 3:11] = True
+    m[5, 11:13] = True
+    m[4, 5] = False
+    np.testing.assert_allclose(poisson_fuse_torch(g, l, m, clip=False, dtype=torch.float64, tol=1e-12),
+                               _dense_reference(g, l, m), atol=1e-6)
+
+
+def test_torch_dst_matches_scipy_and_device_path_agrees(monkeypatch):
+    """The torch.fft DSTs used on GPUs equal scipy's; the solver gives the same result with them."""
+    for shape in ((7, 12), (8, 5)):
+        x = torch.from_numpy(np.random.default_rng(1).standard_normal(shape))
+        for dim in (0, 1):
+            np.testing.assert_allclose(fusion_module._dst2_torch(x, dim).numpy(),
+                                       scipy.fft.dst(x.numpy(), type=2, norm="ortho", axis=dim), atol=1e-10)
+            np.testing.assert_allclose(fusion_module._dst3_torch(x, dim).numpy(),
+                                       scipy.fft.dst(x.numpy(), type=3, norm="ortho", axis=dim), atol=1e-10)
+    global_img, local_img, mask = _two_lungs_with_hole(96)
+    cpu = poisson_fuse_torch(global_img, local_img, mask, dtype=torch.float64, tol=1e-10)
+    def torch_box_solve(r, inv_eig):
+        spec = fusion_module._dst2_torch(fusion_module._dst2_torch(r, 0), 1) * inv_eig
+        return fusion_module._dst3_torch(fusion_module._dst3_torch(spec, 0), 1)
+
+    monkeypatch.setattr(fusion_module, "_box_solve", torch_box_solve)
+    device_path = poisson_fuse_torch(global_img, local_img, mask, dtype=torch.float64, tol=1e-10)
+    np.testing.assert_allclose(device_path, cpu, atol=1e-7)
+    # tensors in -> tensor out on their device
+    out = poisson_fuse_torch(torch.from_numpy(global_img), torch.from_numpy(local_img), torch.from_numpy(mask))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), cpu, atol=1e-4)
+
+
+def test_torch_poisson_agrees_with_opencv_and_dispatch():
+    global_img, local_img, mask = _scene(256)
+    fast = fuse("poisson", global_img, local_img, mask, backend="torch", clip=False)
+    opencv = poisson_fuse_opencv(global_img, local_img, mask)
+    interior = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=6) > 0
+    diff = np.abs(fast - opencv)[interior] * 255
+    assert diff.mean() < 1.0 and diff.max() < 5.0  # the same bounds as the float solver's test above
+    # degenerate masks
+    full = np.ones_like(mask)
+    np.testing.assert_allclose(poisson_fuse_torch(global_img, local_img, full)[0], global_img[0], atol=1e-7)
+    empty = np.zeros_like(mask)
+    np.testing.assert_array_equal(poisson_fuse_torch(global_img, local_img, empty), global_img.astype(np.float32))
+    np.testing.assert_allclose(poisson_fuse_torch(global_img, global_img + 0.2, mask, clip=False), global_img,
+                               atol=1e-5)  # float32 rounding of the right-hand side
+    with pytest.raises(ValueError, match="shape"):
+        poisson_fuse_torch(global_img, local_img[:10], mask)
+
+
+@pytest.mark.cuda
+def test_torch_poisson_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    global_img, local_img, mask = _scene(512)
+    cpu = poisson_fuse(global_img, local_img, mask)
+    dev = torch.device("cuda")
+    out = poisson_fuse_torch(torch.from_numpy(global_img).to(dev), torch.from_numpy(local_img).to(dev),
+                             torch.from_numpy(mask).to(dev))
+    assert out.device.type == "cuda"
+    np.testing.assert_allclose(out.cpu().numpy(), cpu, atol=1e-4)
 
 
 @pytest.mark.slow
