@@ -23,6 +23,11 @@ def _cfg(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _allow_non_chest_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-non-chest", action="store_true",
+                   help="skip the DICOM Modality / BodyPartExamined checks (the image checks still run)")
+
+
 def _resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto",
                    help="'auto' (newest checkpoint in train.output_dir), 'none', or a checkpoint path")
@@ -98,7 +103,7 @@ def cmd_train_seg(args):
 def cmd_segment(args):
     from gl_lcm.evaluate import segment_path
 
-    segment_path(_cfg(args), args.input, args.out)
+    segment_path(_cfg(args), args.input, args.out, allow_non_chest=args.allow_non_chest)
 
 
 def cmd_evaluate(args):
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("segment", cmd_segment, "lung masks and overlays for one image or a folder")
     p.add_argument("input")
     p.add_argument("-o", "--out", required=True)
+    _allow_non_chest_arg(p)
     _config_args(p, required=False)
 
     p = add("evaluate", cmd_evaluate, "run GL-LCM over a split: predictions, figures, timings, metrics")

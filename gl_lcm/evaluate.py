@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
-from gl_lcm.data.io import list_images, read_image, write_png
+from gl_lcm.data.chest_check import check_chest_input
+from gl_lcm.data.io import list_images, read_image, read_image_info, write_png
 from gl_lcm.utils.atomic import atomic_path, atomic_write_text
 from gl_lcm.utils.plotting import save_grid
 
@@ -112,8 +113,23 @@ class ErrorLog:
         atomic_write_text(self.path, buf.getvalue())
 
 
-def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
-    """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures."""
+def read_chest_input(name: str, path: Path, allow_non_chest: bool = False):
+    """Read a user's film and refuse non-chest inputs (:mod:`gl_lcm.data.chest_check`).
+
+    Returns the :class:`~gl_lcm.data.io.ImageInfo`; raises ImageReadError or NonChestInputError
+    (both ValueErrors) whose message names the file and the reason.
+    """
+    info = read_image_info(path)
+    check_chest_input(str(path), info.image, info.colourfulness,
+                      info.dicom.header if info.dicom is not None else None, allow_non_chest)
+    return info
+
+
+def segment_path(cfg: Config, input_path: str, out_dir: str, allow_non_chest: bool = False) -> dict[str, int]:
+    """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures.
+
+    Non-chest inputs are refused (errors.csv names the reason); ``allow_non_chest`` skips the
+    DICOM metadata part of that check."""
     out = Path(out_dir)
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
@@ -121,7 +137,7 @@ def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
     files = _inputs(input_path)
     for name, path in tqdm(sorted(files.items()), desc="segment", unit="img"):
         try:
-            image, _ = read_image(path)
+            image = read_chest_input(name, path, allow_non_chest).image
             seg(name, image)
             errors.clear(name)
             ok += 1

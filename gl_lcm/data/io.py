@@ -377,7 +377,8 @@ def _read_dicom(path: Path, allow_constant: bool) -> Tuple[np.ndarray, int, floa
 def _colourfulness(rgb01: np.ndarray) -> float:
     """Mean absolute difference between the channels of an H x W x 3 image in [0, 1]."""
     c = rgb01.astype(np.float32)
-    return float((np.abs(c[..., 0] - c[..., 1]) + np.abs(c[..., 1] - c[..., 2]) + np.abs(c[..., 0] - c[..., 2])).mean() / 3)
+    diffs = np.abs(c[..., 0] - c[..., 1]) + np.abs(c[..., 1] - c[..., 2]) + np.abs(c[..., 0] - c[..., 2])
+    return float(diffs.mean() / 3)
 
 
 # ----------------------------------------------------------------------------- writing
