@@ -115,7 +115,8 @@ def cmd_evaluate(args):
 def cmd_suppress(args):
     from gl_lcm.evaluate import suppress_path
 
-    suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth)
+    suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth, output_format=args.format,
+                  allow_non_chest=args.allow_non_chest)
 
 
 def cmd_ablate(args):
@@ -206,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("suppress", cmd_suppress, "bone-suppress one image, a folder or DICOM files (output at original size)")
     p.add_argument("input")
     p.add_argument("-o", "--out", required=True)
-    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
+    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=None,
+                   help="PNG bit depth (default: the input's: 8-bit input -> 8, deeper or DICOM -> 16)")
+    p.add_argument("--format", choices=["auto", "png", "dicom"], default="auto",
+                   help="folder output: auto = derived DICOM for DICOM inputs, PNG otherwise "
+                        "(a single output file's suffix, .png or .dcm, decides)")
+    _allow_non_chest_arg(p)
     _config_args(p)
 
     p = add("ablate", cmd_ablate, "guidance x fusion ablation tables (PSNR and LPIPS)")

@@ -307,28 +307,58 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
 
 
 # ---------------------------------------------------------------------------- suppress
-def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: int = 8, pipeline=None) -> RunCounts:
-    """`gl-lcm suppress`: one image, a folder or DICOM files -> soft-tissue PNG at the input's original size.
+OUTPUT_FORMATS = ("auto", "png", "dicom")
 
-    A single input file with an output ending in .png writes that file; otherwise ``output`` is a folder.
+
+def model_description(cfg: Config) -> str:
+    """Names the model that made a result, for DICOM SeriesDescription / DerivationDescription."""
+    ckpt = Path(getattr(cfg.checkpoints, cfg.eval.model) or "").name or "no checkpoint"
+    return (f"GL-LCM {cfg.eval.model} {ckpt}, {cfg.lcm.num_inference_steps} steps, guidance {cfg.guidance.mode}, "
+            f"fusion {cfg.fusion.mode}")
+
+
+def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: Optional[int] = None, pipeline=None,
+                  output_format: str = "auto", allow_non_chest: bool = False) -> RunCounts:
+    """`gl-lcm suppress`: one image, a folder or DICOM files -> soft-tissue image at the input's original size.
+
+    A single input file with an output ending in .png or .dcm writes that file; otherwise ``output`` is a
+    folder. ``output_format`` "auto" writes a derived DICOM for a DICOM input (:mod:`gl_lcm.data.dicom_out`)
+    and a PNG otherwise; "png" / "dicom" force one (DICOM needs a DICOM input). PNG bit depth: ``bit_depth``,
+    or by default the input's (8-bit input -> 8, deeper inputs -> 16). Non-chest inputs are refused.
     """
+    from gl_lcm.data.dicom_out import write_derived_dicom
     from gl_lcm.pipeline import GLLCMPipeline
 
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     files = _inputs(input_path)
     out = Path(output)
-    single = len(files) == 1 and Path(input_path).is_file() and out.suffix.lower() == ".png"
+    single = len(files) == 1 and Path(input_path).is_file() and out.suffix.lower() in (".png", ".dcm")
+    if single:
+        output_format = "dicom" if out.suffix.lower() == ".dcm" else "png"
     pipeline = pipeline or GLLCMPipeline.from_config(cfg)
     seg = Segmenter(cfg, None)
     counts = RunCounts()
     errors = ErrorLog((out.parent if single else out) / "errors.csv")
+    description = model_description(cfg)
     for name, path in tqdm(sorted(files.items()), desc="suppress", unit="img"):
         try:
-            image, _ = read_image(path)
+            info = read_chest_input(name, path, allow_non_chest)
+            image = info.image
+            as_dicom = output_format == "dicom" or (output_format == "auto" and info.dicom is not None)
+            if as_dicom and info.dicom is None:
+                raise ValueError(f"{path}: DICOM output needs a DICOM input (this is not one); write PNG instead")
             mask = seg(name, image)
             r = pipeline.run([name], [image], [mask])[0]
             h, w = image.shape
             result = cv2.resize(r.fused, (w, h), interpolation=cv2.INTER_CUBIC) if (h, w) != r.fused.shape else r.fused
-            write_png(out if single else out / f"{name}.png", np.clip(result, 0, 1), bit_depth)
+            result = np.clip(result, 0, 1)
+            if as_dicom:
+                write_derived_dicom(out if single else out / f"{name}.dcm", result, info.dicom, description)
+            else:
+                depth = bit_depth or (8 if info.bit_depth <= 8 else 16)
+                write_png(out if single else out / f"{name}.png", result, depth)
+            errors.clear(name)
             counts.succeeded += 1
         except (ValueError, FileNotFoundError) as exc:
             errors.add(name, "suppress", exc)
