@@ -21,7 +21,7 @@ from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
 from gl_lcm.data.chest_check import check_chest_input
 from gl_lcm.data.io import list_images, read_image, read_image_info, write_png
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text
+from gl_lcm.utils.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -131,6 +131,7 @@ def segment_path(cfg: Config, input_path: str, out_dir: str, allow_non_chest: bo
     Non-chest inputs are refused (errors.csv names the reason); ``allow_non_chest`` skips the
     DICOM metadata part of that check."""
     out = Path(out_dir)
+    remove_stale_temporaries(out)
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
     ok = 0
@@ -196,6 +197,7 @@ def run_pipeline_on_split(cfg: Config, pipeline, stems: Sequence[str], cxr_files
     """Segment, sample and fuse every stem; writes global/, local/, fused/ (+ fused_<mode>/), masks,
     overlays, figures, timing.csv and errors.csv under ``out``. Finished images are skipped."""
     counts = RunCounts()
+    remove_stale_temporaries(out)  # half-written files of a killed earlier run
     seg = Segmenter(cfg, out, overwrite=overwrite)
     errors = ErrorLog(out / "errors.csv")
     timing_path = out / "timing.csv"
@@ -288,10 +290,12 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
     save_config(cfg, out / "config.yaml")
     counts = run_pipeline_on_split(cfg, pipeline, stems, cxr_files, gt_files, out, overwrite=overwrite,
                                    progress=progress)
-    summaries = {}
+    summaries, metrics_failed = {}, set()
     for sub, name in (("global", "global path"), ("local", "local path"), ("fused", "GL-LCM (fused)")):
         if (out / sub).is_dir():
-            summaries[name] = _finish_metrics(cfg, out, sub, name, stems, lpips_metric)["metrics"]
+            result = _finish_metrics(cfg, out, sub, name, stems, lpips_metric)
+            summaries[name] = result["metrics"]
+            metrics_failed.update(result["failed"])
     table = markdown_table(summaries, lpips_protocol=lpips_metric.protocol if lpips_metric else None)
     timings = _read_timings(out / "timing.csv")
     mean_t = {s: float(np.mean([t[s] for t in timings.values()])) for s in TIMING_STAGES} if timings else {}
@@ -299,11 +303,13 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
               f"{cfg.guidance.mode}, fusion {cfg.fusion.mode})\n\n{table}\n"
               + ("Mean time per image (s): " + ", ".join(f"{k} {v:.3f}" for k, v in mean_t.items()) + "\n"
                  if mean_t else "")
-              + f"\n{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped.\n")
+              + f"\n{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped.\n"
+              + (f"Left out of the metrics (unreadable or wrong-size outputs, see metrics/*/errors.csv): "
+                 f"{', '.join(sorted(metrics_failed))}.\n" if metrics_failed else ""))
     atomic_write_text(out / "report.md", report)
     print(table)
     print(f"{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped -> {out}")
-    return {"counts": counts, "summaries": summaries, "timing": mean_t}
+    return {"counts": counts, "summaries": summaries, "timing": mean_t, "metrics_failed": len(metrics_failed)}
 
 
 # ---------------------------------------------------------------------------- suppress
