@@ -47,6 +47,12 @@ class Segmenter:
                                  "`gl-lcm train-seg` or use segmentation.method=classical")
             self.device = resolve_device(cfg.device)
             self.model, _ = load_segnet(cfg.checkpoints.segnet, self.device)
+        if cfg.segmentation.method == "pretrained":
+            from gl_lcm.models.published_lungseg import load_published_lungseg
+            from gl_lcm.utils.dist import resolve_device
+
+            self.device = resolve_device(cfg.device)
+            self.model = load_published_lungseg(cfg.checkpoints.lungs_segmentation, self.device)
         if cfg.segmentation.method == "folder" and not cfg.segmentation.mask_dir:
             raise ValueError("segmentation.method is 'folder' but segmentation.mask_dir is empty")
 
@@ -65,6 +71,8 @@ class Segmenter:
         kw = {}
         if s.method == "unet":
             kw = {"model": self.model, "image_size": s.image_size, "device": self.device}
+        elif s.method == "pretrained":
+            kw = {"model": self.model, "device": self.device}
         elif s.method == "folder":
             kw = {"mask_dir": s.mask_dir}
         mask = segment_lungs(image01, s.method, name=name, min_area=min_area, **kw)
