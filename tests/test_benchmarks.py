@@ -89,3 +89,10 @@ def test_bench_metrics_smoke():
     assert len(rows) == 5, rows
     assert rows[-1].startswith("| building the LPIPS network (once)")
     assert "LPIPS weights:" in out and "Machine:" in out
+
+
+def test_bench_chest_check_smoke(tmp_path):
+    out = run_script("bench_chest_check.py", "--data", str(tmp_path / "no-data"), "--phantoms", "1")
+    rows = table_rows(out, "| group | films | accepted | refused |")
+    assert len(rows) == 1 and rows[0].startswith("| chest: phantoms 128/256/512 px | 3 | 3 | 0 |")
+    assert "Machine:" in out

@@ -134,18 +134,6 @@ def test_phantoms_pass_at_every_size():
             assert check.ok, (seed, size, check.reason)
 
 
-def test_negative_film_is_refused_with_a_hint():
-    image = None
-    for seed in range(12):  # find a phantom whose negative fails the layout checks
-        cxr = generate_phantom(256, seed).cxr
-        check = image_plausibility(1.0 - cxr)
-        if not check.ok:
-            image = cxr
-            break
-    assert image is not None, "some phantom negative should fail the chest layout checks"
-    assert "negative" in check.reason
-
-
 def test_letterbox_padding_does_not_count_as_background(phantom256):
     padded = np.zeros((256, 400), np.float32)
     padded[:, 72:328] = phantom256

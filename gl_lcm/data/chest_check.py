@@ -143,16 +143,10 @@ def image_plausibility(image01: np.ndarray, colourfulness: float = 0.0) -> Chest
 
     ``colourfulness``: as measured by the reader on the file's colour channels (0 for gray).
     Checks run in order (size, colour, blank, noise, shape, background, layout); the first
-    that fails gives the reason. When the layout checks fail but the inverted image passes
-    them, the reason says the file may be a negative.
+    that fails gives the reason. (The layout features do not tell a negative from a positive
+    film reliably, so no "is it a negative?" hint is given.)
     """
-    check = _plausibility(image01, colourfulness)
-    if check.kind in ("background", "layout"):
-        inverted = _plausibility(1.0 - np.asarray(image01, dtype=np.float32), colourfulness)
-        if inverted.ok:
-            check.reason += ("; the inverted image does look like a chest film: is the file a negative "
-                             "(air bright)? Save it bone-bright, or as DICOM MONOCHROME1")
-    return check
+    return _plausibility(image01, colourfulness)
 
 
 def _plausibility(image01: np.ndarray, colourfulness: float) -> ChestCheck:
