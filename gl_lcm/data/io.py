@@ -277,7 +277,11 @@ def dicom_display_values(stored: np.ndarray, ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(np.asarray(stored), ds)
-    values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    with warnings.catch_warnings():
+        # The standard feeds the modality output (float after a rescale) to the VOI LUT; pydicom
+        # warns about float input to a LUT, which here is what PS3.3 C.11 asks for.
+        warnings.filterwarnings("ignore", message="Applying a VOI LUT on a float input")
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         values = -values
     return values
