@@ -361,7 +361,40 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + command-line overrides"
-    return from_dict(Config, data, source)
+    cfg = from_dict(Config, data, source)
+    check_consistency(cfg, source)
+    return cfg
+
+
+def check_consistency(cfg: Config, source: str = "") -> None:
+    """Cross-checks between keys that each pass on their own; a ConfigError names the keys.
+
+    The image size is checked against the VQGAN's downsampling here; whether the latent fits the
+    UNet's downsampling is checked where both models are known (models.factory.check_latent_fits_unet),
+    since sampling and distillation take their architectures from checkpoints.
+    """
+    where = f" in {source}" if source else ""
+    lcm, d = cfg.lcm, cfg.diffusion
+    if lcm.num_inference_steps > lcm.original_inference_steps:
+        raise ConfigError(f"lcm.num_inference_steps={lcm.num_inference_steps} is greater than "
+                          f"lcm.original_inference_steps={lcm.original_inference_steps}{where}: LCM timesteps are "
+                          f"taken from that grid; lower the steps or raise the grid")
+    if d.beta_schedule in ("linear", "scaled_linear") and d.beta_start >= d.beta_end:
+        raise ConfigError(f"diffusion.beta_start={d.beta_start} must be smaller than diffusion.beta_end={d.beta_end}"
+                          f"{where} (noise must grow with t)")
+    if lcm.dynamic_clip:
+        for key in ("global_omega", "local_omega"):
+            if getattr(lcm, key) <= 0:
+                raise ConfigError(f"lcm.{key}={getattr(lcm, key)} must be positive while lcm.dynamic_clip is true"
+                                  f"{where} (it is the x0 clip range at the first step); or set lcm.dynamic_clip=false")
+    factor = 2 ** len(cfg.vqgan.channels)
+    if cfg.data.image_size % factor:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by 2^{len(cfg.vqgan.channels)}="
+                          f"{factor}{where} (one VQGAN downsampling per entry of vqgan.channels)")
+    seg = cfg.segmentation
+    if seg.image_size % 2 ** seg.depth:
+        raise ConfigError(f"segmentation.image_size={seg.image_size} is not divisible by 2^segmentation.depth="
+                          f"{2 ** seg.depth}{where}")
 
 
 def config_from_checkpoint(data: dict) -> Config:

@@ -21,7 +21,7 @@ from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
 from gl_lcm.data.chest_check import check_chest_input
 from gl_lcm.data.io import list_images, read_image, read_image_info, write_png
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
+from gl_lcm.utils.atomic import atomic_path, atomic_write_text, ensure_writable, remove_stale_temporaries
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -139,6 +139,7 @@ def segment_path(cfg: Config, input_path: str, out_dir: str, allow_non_chest: bo
     Non-chest inputs are refused (errors.csv names the reason); ``allow_non_chest`` skips the
     DICOM metadata part of that check."""
     out = Path(out_dir)
+    ensure_writable(out, "--out")
     remove_stale_temporaries(out)
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
@@ -292,9 +293,9 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
 
     lpips_metric = build_lpips(cfg, no_lpips)  # fail on missing weights before any work
     stems, cxr_files, gt_files = _split_files(cfg, split)
-    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
     out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out, "eval.output_dir")
+    pipeline = pipeline or GLLCMPipeline.from_config(cfg)
     save_config(cfg, out / "config.yaml")
     counts = run_pipeline_on_split(cfg, pipeline, stems, cxr_files, gt_files, out, overwrite=overwrite,
                                    progress=progress)

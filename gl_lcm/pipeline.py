@@ -42,9 +42,11 @@ def image_generators(seed: int, names: Sequence[str]) -> list[torch.Generator]:
     return [make_generator(derive_seed(seed, "image", n)) for n in names]
 
 
-def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
-    """len(gens) x *shape standard normal, row i drawn from gens[i] (on the CPU, then moved)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """len(gens) x *shape standard normal, row i drawn from gens[i] (float32 on the CPU, so the
+    stream does not depend on device or dtype; then moved and cast to ``dtype``)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device, dtype)
 
 
 def clip_grid_index(timestep: int, num_train_timesteps: int, original_inference_steps: int) -> int:
@@ -125,9 +127,10 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     """
     mode = guidance_mode or cfg.guidance.mode
     alpha = cfg.guidance.alpha if guidance_alpha is None else guidance_alpha
-    b, device = cond_global.shape[0], cond_global.device
+    b, device, dtype = cond_global.shape[0], cond_global.device, cond_global.dtype
     latent_shape = cond_global.shape[1:]
-    x_T = randn_per_image(gens, latent_shape, device)
+    noise = lambda generators: randn_per_image(generators, latent_shape, device, dtype)
+    x_T = noise(gens)
     leg_gens = [make_generator(derive_seed(g.initial_seed(), "leg")) for g in gens]
     x = torch.cat([x_T, x_T])  # both paths start from the same noise
     cond = torch.cat([cond_global, cond_local])
@@ -145,9 +148,9 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
         else:
             out = torch.cat([model(x[:b], t_batch[:b], cond[:b]), model(x[b:], t_batch[b:], cond[b:])])
         eps_global, eps_local = out[:b], out[b:]
-        leg_noise = randn_per_image(leg_gens, latent_shape, device) if mode == "leg" else None
+        leg_noise = noise(leg_gens) if mode == "leg" else None
         eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
-        step_noise = torch.cat([randn_per_image(gens, latent_shape, device), randn_per_image(gens, latent_shape, device)])
+        step_noise = torch.cat([noise(gens), noise(gens)])  # global path's, then local path's
         clip = clip_at(t) if clip_at is not None else None
         if rebuild_scheduler:
             fresh = make_scheduler(cfg)
@@ -231,7 +234,7 @@ class GLLCMPipeline:
     @classmethod
     def from_config(cls, cfg: Config, model: Optional[str] = None) -> "GLLCMPipeline":
         """Load checkpoints.vqgan and the teacher or student (eval.model) named in the config."""
-        from gl_lcm.models.factory import load_denoiser, load_vqgan
+        from gl_lcm.models.factory import check_latent_fits_unet, load_denoiser, load_vqgan
         from gl_lcm.utils.dist import resolve_device
 
         device = resolve_device(cfg.device)
@@ -243,6 +246,7 @@ class GLLCMPipeline:
             raise ValueError("checkpoints.vqgan is empty: set it to the trained VQGAN model.pt")
         vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
         unet, _ = load_denoiser(path, device)
+        check_latent_fits_unet(cfg.data.image_size, vqgan, unet)
         return cls(vqgan, unet, cfg, device)
 
     @torch.no_grad()

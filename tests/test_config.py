@@ -62,3 +62,56 @@ def test_shipped_configs_load_and_document_every_key(path):
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
             assert "#" in stripped, f"{path.name}: key without a comment: {line!r}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lcm.num_inference_steps=60"], r"lcm.num_inference_steps=60 is greater than lcm.original_inference_steps=50"),
+    (["diffusion.beta_start=0.5", "diffusion.beta_end=0.1"],
+     r"diffusion.beta_start=0.5 must be smaller than diffusion.beta_end=0.1"),
+    (["diffusion.beta_start=0.012"], r"diffusion.beta_start=0.012 must be smaller than diffusion.beta_end=0.012"),
+    (["data.image_size=1001"], r"data.image_size=1001 is not divisible by 2\^3=8 .*vqgan.channels"),
+    (["data.image_size=100", "vqgan.channels=[4,4,4,4]"], r"data.image_size=100 is not divisible by 2\^4=16"),
+    (["lcm.global_omega=0"], r"lcm.global_omega=0.0 must be positive while lcm.dynamic_clip is true"),
+    (["lcm.local_omega=0"], r"lcm.local_omega=0.0 must be positive"),
+    (["segmentation.image_size=100"], r"segmentation.image_size=100 is not divisible by 2\^segmentation.depth=16"),
+])
+def test_cross_checks_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_cross_checks_accept_consistent_settings():
+    load_config(None, ["lcm.num_inference_steps=50", "diffusion.beta_schedule=cosine", "diffusion.beta_start=0.5",
+                       "diffusion.beta_end=0.1", "lcm.dynamic_clip=false", "lcm.global_omega=0", "data.image_size=1000"])
+    for path in CONFIGS:
+        load_config(path)
+
+
+def test_image_size_the_unet_cannot_divide_is_refused_before_sampling(tmp_path):
+    """data.image_size=1000 passes the VQGAN (1000 / 8 = 125) but not a UNet that halves 5 times."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_config, write_tiny_checkpoints
+
+    from gl_lcm.pipeline import GLLCMPipeline
+
+    cfg = tiny_config(["unet.channel_mult=[1,1,2,2,4,4]"])
+    paths = write_tiny_checkpoints(tmp_path, cfg)
+    use = tiny_config([f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={paths['student']}",
+                       "data.image_size=1000"])
+    with pytest.raises(ValueError, match=r"data.image_size=1000 gives a 125-pixel latent .*divisible by 256"):
+        GLLCMPipeline.from_config(use)
+    GLLCMPipeline.from_config(tiny_config([f"checkpoints.vqgan={paths['vqgan']}",
+                                           f"checkpoints.student={paths['student']}", "data.image_size=256"]))
+
+
+def test_unwritable_output_folder_is_named(tmp_path):
+    from gl_lcm.utils.atomic import ensure_writable
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"train.output_dir=.*a_file/run cannot be written"):
+        ensure_writable(blocker / "run", "train.output_dir")
+    ensure_writable(tmp_path / "new" / "run", "train.output_dir")
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())

@@ -60,6 +60,25 @@ def test_write_png_clips_rounds_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.png"]
 
 
+def test_write_png_is_atomic(tmp_path, monkeypatch):
+    """The target is only ever replaced whole: if the final rename fails, the old file is untouched
+    and no temporary file is left (a writer that opens the target itself changes it first)."""
+    import gl_lcm.utils.atomic as atomic
+
+    path = tmp_path / "x.png"
+    write_png(path, np.zeros((4, 4), np.float32))
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="simulated"):
+        write_png(path, np.ones((4, 4), np.float32))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
 def test_write_png_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="bit_depth"):
         write_png(tmp_path / "a.png", np.zeros((4, 4)), bit_depth=12)
@@ -202,6 +221,23 @@ def test_dicom_window_applied_after_rescale(tmp_path):
             expected[idx] = (value - (center - 0.5)) / (width - 1) + 0.5
     np.testing.assert_allclose(image, expected, atol=1e-4)
     assert np.sum(image == 0.0) > 10 and np.sum(image == 1.0) > 10  # the window really clipped
+
+
+def test_dicom_monochrome1_window_then_invert(tmp_path):
+    """MONOCHROME1 with a VOI window: window first (pydicom's own LUT functions), then invert.
+    Inverting first would move every value out of the window and give a constant image."""
+    from pydicom import dcmread
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = np.linspace(0, 4000, 96).reshape(8, 12).astype(np.uint16)
+    _write_dicom(tmp_path / "m1w.dcm", stored, "MONOCHROME1", 1.0, 0.0, window=(1500.0, 1200.0))
+    ds = dcmread(tmp_path / "m1w.dcm")
+    windowed = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    expected = (windowed.max() - windowed) / (windowed.max() - windowed.min())  # bright = low stored value
+    image, _ = read_image(tmp_path / "m1w.dcm")
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    assert image[0, 0] == 1.0 and image[-1, -1] == 0.0  # low stored values are bright in MONOCHROME1
+    assert np.sum(image == 1.0) > 10 and np.sum(image == 0.0) > 10  # the window really clipped
 
 
 def test_dicom_detected_by_magic_without_suffix(tmp_path, rng):

@@ -2,6 +2,7 @@
 isolation, end to end on the three real 1024x1024 images, and bad inputs."""
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 from pathlib import Path
@@ -28,33 +29,113 @@ def tiny(tmp_path_factory):
     return cfg, paths, unet
 
 
-def _conds(seed=0, b=3, size=16):
+def _conds(seed=0, b=3, size=16, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 4, size, size, generator=g), torch.randn(b, 4, size, size, generator=g)
+    return (torch.randn(b, 4, size, size, generator=g).to(dtype),
+            torch.randn(b, 4, size, size, generator=g).to(dtype))
+
+
+@pytest.fixture(scope="module")
+def unet64(tiny):
+    """The tiny UNet in float64: comparisons of two ways to compute the same thing are then exact to
+    ~1e-12, far below any real difference, at any thread count (in float32 CFG's alpha = 3
+    extrapolation lifted the batched-vs-unbatched rounding gap to 1.3e-5, 2.6e-5 on one thread)."""
+    return copy.deepcopy(tiny[2]).double()
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "cfg", "leg"])
-def test_batched_equals_two_calls_and_rebuilt_scheduler(tiny, mode):
-    cfg, _, unet = tiny
-    cg, cl = _conds()
+def test_batched_equals_two_calls_and_rebuilt_scheduler(tiny, unet64, mode):
+    cfg = tiny[0]
+    cg, cl = _conds(dtype=torch.float64)
     names = ["a", "b", "c"]
-    ref = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode)
-    two = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode, batched=False)
-    rebuilt = dual_path_sample(unet, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode, batched=False,
-                               rebuild_scheduler=True)
+    ref = dual_path_sample(unet64, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode)
+    two = dual_path_sample(unet64, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode, batched=False)
+    rebuilt = dual_path_sample(unet64, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode,
+                               batched=False, rebuild_scheduler=True)
+    assert ref[0].dtype == torch.float64
     for a, b, c in zip(ref, two, rebuilt):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
     assert not torch.allclose(ref[0], ref[1])  # the two paths really differ
 
 
-def test_results_do_not_depend_on_batch(tiny):
-    cfg, _, unet = tiny
-    cg, cl = _conds()
-    together = dual_path_sample(unet, cg, cl, cfg, 3, image_generators(7, ["a", "b", "c"]))
-    alone = dual_path_sample(unet, cg[1:2], cl[1:2], cfg, 3, image_generators(7, ["b"]))
-    torch.testing.assert_close(together[0][1:2], alone[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together[1][1:2], alone[1], atol=1e-5, rtol=1e-5)
+def test_results_do_not_depend_on_batch(tiny, unet64):
+    cfg = tiny[0]
+    cg, cl = _conds(dtype=torch.float64)
+    together = dual_path_sample(unet64, cg, cl, cfg, 3, image_generators(7, ["a", "b", "c"]))
+    alone = dual_path_sample(unet64, cg[1:2], cl[1:2], cfg, 3, image_generators(7, ["b"]))
+    torch.testing.assert_close(together[0][1:2], alone[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(together[1][1:2], alone[1], atol=1e-10, rtol=0)
+
+
+def _published_style_dual_path(unet, cond_g, cond_l, cfg, num_steps, seed, name, mode, monkeypatch):
+    """A plain re-implementation of one image's dual-path loop the way the published code runs it:
+    diffusers' LCMScheduler rebuilt before every step with clip range omega + b * j (j = position of
+    t on the 50-point LCM grid), two UNet calls per step, the guidance written out, batch size 1.
+
+    Random numbers replay the suite's per-image stream: initial noise and each step's re-injected
+    noise (global path first, then local) from the image's generator, LEG noise from its second one.
+    """
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    from diffusers import LCMScheduler as Reference
+
+    from gl_lcm.utils.seeding import derive_seed, make_generator
+
+    # diffusers draws step noise in the sample's dtype; the suite draws float32 and casts
+    monkeypatch.setattr(lcm_module, "randn_tensor",
+                        lambda shape, generator=None, device=None, dtype=None: torch.randn(shape, generator=generator).to(dtype))
+    d, lcm = cfg.diffusion, cfg.lcm
+    g = make_generator(derive_seed(seed, "image", name))
+    leg_g = make_generator(derive_seed(g.initial_seed(), "leg"))
+    shape = (1, *cond_g.shape[1:])
+    x_g = torch.randn(shape, generator=g).double()
+    x_l = x_g.clone()
+    k = d.num_train_timesteps // lcm.original_inference_steps
+    grid = list(range(d.num_train_timesteps - 1, -1, -k))[:lcm.original_inference_steps]  # 999, 979, ..., 19
+
+    def scheduler(omega, j):
+        s = Reference(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                      beta_schedule=d.beta_schedule, original_inference_steps=lcm.original_inference_steps,
+                      prediction_type=d.prediction_type, timestep_scaling=lcm.timestep_scaling,
+                      clip_sample=True, clip_sample_range=omega + lcm.clip_b * grid.index(t))
+        s.set_timesteps(num_steps)
+        s.set_begin_index(j)
+        return s
+
+    probe = Reference(num_train_timesteps=d.num_train_timesteps, original_inference_steps=lcm.original_inference_steps)
+    probe.set_timesteps(num_steps)
+    alpha = cfg.guidance.alpha
+    for j, t in enumerate(probe.timesteps.tolist()):
+        tt = torch.tensor([t])
+        eps_g = unet(x_g, tt, cond_g)
+        eps_l = unet(x_l, tt, cond_l)
+        if mode == "cfg":
+            eps_l = eps_g + alpha * (eps_l - eps_g)
+        elif mode == "leg":
+            noise = torch.randn(shape, generator=leg_g).double()
+            eps_l = alpha * eps_l + (1 - alpha) * noise / eps_l.std()
+        out_g = scheduler(lcm.global_omega, j).step(eps_g, t, x_g, generator=g)
+        out_l = scheduler(lcm.local_omega, j).step(eps_l, t, x_l, generator=g)
+        x_g, x_l = out_g.prev_sample, out_l.prev_sample
+        den_g, den_l = out_g.denoised, out_l.denoised
+    return den_g, den_l
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "cfg", "leg"])
+def test_dual_path_equals_published_style_loop(tiny, unet64, mode, monkeypatch):
+    """The batched loop against the plain one. Small clip ranges make dynamic clipping bind at every
+    step, so a clip index counted in the sampler's own steps (j = 0..3 instead of 0, 12, 25, 37)
+    fails; so do swapped guidance arguments (cfg, leg)."""
+    cfg = tiny_config(["lcm.global_omega=0.3", "lcm.local_omega=0.6", "lcm.clip_b=0.05"])
+    cg, cl = _conds(b=2, dtype=torch.float64)
+    names = ["a", "b"]
+    z_g, z_l = dual_path_sample(unet64, cg, cl, cfg, 4, image_generators(1, names), guidance_mode=mode)
+    for i, name in enumerate(names):
+        ref_g, ref_l = _published_style_dual_path(unet64, cg[i:i + 1], cl[i:i + 1], cfg, 4, 1, name, mode,
+                                                  monkeypatch)
+        # diffusers keeps its schedule tables in float32: agreement to ~1e-6, real differences are > 1e-2
+        torch.testing.assert_close(z_g[i:i + 1], ref_g, atol=1e-5, rtol=0)
+        torch.testing.assert_close(z_l[i:i + 1], ref_l, atol=1e-5, rtol=0)
 
 
 def test_guidance_changes_local_path_only(tiny):
@@ -84,6 +165,26 @@ def test_postprocess_paths_zero_outside_exposure_and_mean_shift():
     g, l = postprocess_paths(cxr, np.full((32, 32), 0.5, np.float32), np.full((32, 32), 0.2, np.float32), mask)
     assert (g[:4] == 0).all() and (l[:4] == 0).all()
     assert l[mask].mean() == pytest.approx(g[mask].mean(), abs=1e-6)
+
+
+def test_postprocess_mean_shift_is_measured_inside_the_mask_only():
+    """Plain computation: l + (mean of g in the mask - mean of l in the mask), clipped to [0, 1],
+    then 0 outside the exposure. The images differ inside and outside the mask, so a shift measured
+    over the whole image gives another result."""
+    rng = np.random.default_rng(1)
+    cxr = rng.uniform(0.1, 1, (40, 40)).astype(np.float32)
+    cxr[:, :3] = 0
+    mask = np.zeros((40, 40), bool)
+    mask[8:30, 6:34] = True
+    g = rng.uniform(0.3, 0.7, (40, 40)).astype(np.float32)
+    l = rng.uniform(0.0, 0.4, (40, 40)).astype(np.float32)
+    l[~mask] += 0.5  # the local result is bright outside the lungs
+    expected_l = np.clip(l.astype(np.float64) + (g[mask].mean(dtype=np.float64) - l[mask].mean(dtype=np.float64)), 0, 1)
+    expected_l[cxr <= 0] = 0
+    expected_g = np.where(cxr <= 0, 0, g)
+    out_g, out_l = postprocess_paths(cxr, g, l, mask)
+    np.testing.assert_allclose(out_g, expected_g, atol=1e-6)
+    np.testing.assert_allclose(out_l, expected_l, atol=1e-6)
 
 
 def _real_setup(szch_dir: Path, tmp_path: Path, paths: dict, cfg_extra=()):
@@ -221,3 +322,18 @@ def test_clip_index_follows_the_original_grid():
     assert [clip_grid_index(t, 1000, 50) for t in s.timesteps.tolist()] == list(range(50))
     s.set_timesteps(4)
     assert [clip_grid_index(t, 1000, 50) for t in s.timesteps.tolist()] == [0, 12, 25, 37]
+
+
+def test_error_log_forgets_an_image_that_later_succeeds(tmp_path):
+    from gl_lcm.evaluate import ErrorLog
+
+    path = tmp_path / "errors.csv"
+    log = ErrorLog(path)
+    log.add("a", "read", ValueError("truncated"))
+    log.add("b", "segment", ValueError("no lung"))
+    rerun = ErrorLog(path)  # a rerun starts from the file
+    rerun.clear("a")
+    rerun.clear("never-failed")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"image": "b", "stage": "segment", "reason": "ValueError: no lung"}]

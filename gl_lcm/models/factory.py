@@ -102,3 +102,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def check_latent_fits_unet(image_size: int, vqgan: nn.Module, unet: nn.Module) -> None:
+    """Fail before any work when the VQGAN's latent of a ``image_size`` image cannot pass the UNet's
+    downsamplings (its side must be divisible by 2^(len(unet.channel_mult) - 1))."""
+    latent = image_size // 2 ** vqgan.num_downsamplings
+    factor = 2 ** unet.num_downsamplings
+    if image_size % 2 ** vqgan.num_downsamplings or latent % factor:
+        raise ValueError(f"data.image_size={image_size} gives a {image_size / 2 ** vqgan.num_downsamplings:g}-pixel "
+                         f"latent (VQGAN: {vqgan.num_downsamplings} downsamplings), which the UNet's "
+                         f"{unet.num_downsamplings} downsamplings (unet.channel_mult) cannot divide: use a "
+                         f"data.image_size divisible by {2 ** vqgan.num_downsamplings * factor}")

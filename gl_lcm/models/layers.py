@@ -38,10 +38,11 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 (stable under fp16/bf16 autocast), output in input dtype."""
+    """GroupNorm evaluated in at least float32 (stable under fp16/bf16 autocast; float64 stays
+    float64), output in input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> GroupNorm32:

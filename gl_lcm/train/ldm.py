@@ -20,7 +20,7 @@ from gl_lcm.config import Config
 from gl_lcm.data.datasets import masked, pairs_for_split
 from gl_lcm.data.pairs import PairedDataset
 from gl_lcm.diffusion.schedule import add_noise, alphas_cumprod_from_betas, make_betas, offset_noise, velocity
-from gl_lcm.models.factory import build_unet, load_vqgan, update_ema
+from gl_lcm.models.factory import build_unet, check_latent_fits_unet, load_vqgan, update_ema
 from gl_lcm.train.checkpoint import load_checkpoint, save_checkpoint
 from gl_lcm.train.loop import Trainer, TrainTask
 from gl_lcm.utils.dist import barrier
@@ -108,6 +108,8 @@ class LDMTask(TrainTask):
         self.trainer = trainer
         self.vqgan = load_vqgan(cfg.checkpoints.vqgan, trainer.device)
         self.latent_channels = self.vqgan.embed_dim if hasattr(self.vqgan, "embed_dim") else cfg.vqgan.embed_dim
+        self.build_networks(trainer)
+        check_latent_fits_unet(cfg.data.image_size, self.vqgan, self.unet)  # before encoding the data
         train_pairs = pairs_for_split(cfg, "train", require_masks="local" in cfg.diffusion.paths)
         if cfg.train.latent_cache:
             latents = latent_cache(cfg, self.vqgan, trainer, train_pairs, "train")
@@ -115,7 +117,6 @@ class LDMTask(TrainTask):
             latents = encode_pairs(self.vqgan, train_pairs, cfg.data.image_size, trainer.device,
                                    progress=trainer.progress and trainer.is_main)
         self.train_set = LatentPairs(latents, list(cfg.diffusion.paths))
-        self.build_networks(trainer)
         self.betas, self.alphas_cumprod = diffusion_tables(cfg)
         self.alphas_cumprod = self.alphas_cumprod.to(trainer.device)
         val_pairs = pairs_for_split(cfg, "val")[:4]

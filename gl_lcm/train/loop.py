@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from gl_lcm.config import Config, save_config
+from gl_lcm.config import Config, check_consistency, save_config
 from gl_lcm.train.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
@@ -36,6 +36,7 @@ from gl_lcm.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from gl_lcm.utils.atomic import ensure_writable
 from gl_lcm.utils.dist import DistInfo, barrier, cleanup_distributed, init_distributed
 from gl_lcm.utils.seeding import derive_seed, make_generator, seed_everything
 
@@ -172,8 +173,10 @@ class Trainer:
     """Runs a TrainTask. ``resume``: 'auto' (newest checkpoint in output_dir if any), 'none', or a path."""
 
     def __init__(self, cfg: Config, task: TrainTask, resume: str = "auto", progress: bool = True):
+        check_consistency(cfg)  # configs built in code skip load_config's checks
         self.cfg, self.task, self.resume, self.progress = cfg, task, resume, progress
         self.out_dir = Path(cfg.train.output_dir)
+        ensure_writable(self.out_dir, "train.output_dir")
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.dist: DistInfo = init_distributed(cfg.device)
         self.device = self.dist.device
@@ -235,8 +238,9 @@ class Trainer:
         dataset = self.task.train_dataset()
         need = t.batch_size * self.dist.world_size
         if len(dataset) < need:
-            raise ValueError(f"training set has {len(dataset)} samples, fewer than batch_size x processes = {need}; "
-                             f"lower train.batch_size or add data")
+            raise ValueError(f"the training split ({cfg.data.root}/{cfg.data.train_list}) gives {len(dataset)} "
+                             f"samples, fewer than one batch per process: train.batch_size={t.batch_size} x "
+                             f"{self.dist.world_size} process(es) = {need}; lower train.batch_size or add data")
         self.sampler = ResumableSampler(len(dataset), self.dist.rank, self.dist.world_size, cfg.seed)
         self.loader = DataLoader(dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",

@@ -66,8 +66,6 @@ class SegNetTask(TrainTask):
 
     def build(self, trainer: Trainer) -> None:
         s = self.cfg.segmentation
-        if s.image_size % (2 ** s.depth):
-            raise ValueError(f"segmentation.image_size={s.image_size} is not divisible by 2^depth={2 ** s.depth}")
         self.trainer = trainer
         self.net = build_segnet(s)
         self.train_set = ImageMaskPairs(image_mask_items(self.cfg, "train"), s.image_size)

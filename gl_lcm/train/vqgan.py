@@ -20,14 +20,6 @@ from gl_lcm.utils.atomic import atomic_write_text
 from gl_lcm.utils.plotting import save_grid
 
 
-def check_vqgan_config(cfg: Config) -> None:
-    """Fail before any work when the image size does not fit the number of downsamplings."""
-    factor = 2 ** len(cfg.vqgan.channels)
-    if cfg.data.image_size % factor:
-        raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by 2^{len(cfg.vqgan.channels)}="
-                         f"{factor} (one downsampling per entry of vqgan.channels)")
-
-
 def build_perceptual(cfg: Config, device: torch.device, warn: bool = True):
     """LPIPS perceptual loss from local weights, or None with ONE clear warning (rank 0) when absent."""
     if cfg.vqgan.perceptual_weight <= 0:
@@ -53,7 +45,6 @@ class VQGANTask(TrainTask):
         from gl_lcm.losses import VQGANLoss
 
         cfg = self.cfg
-        check_vqgan_config(cfg)
         self.trainer = trainer
         self.vqgan = build_vqgan(cfg.vqgan)
         self.disc = build_discriminator(cfg.vqgan)
@@ -137,7 +128,6 @@ class VQGANTask(TrainTask):
 
 def train_vqgan(cfg: Config, resume: str = "auto", progress: bool = True) -> dict[str, float]:
     """Train the VQGAN; writes <train.output_dir>/model.pt and checkpoints/, logs/, samples/."""
-    check_vqgan_config(cfg)
     return Trainer(cfg, VQGANTask(cfg), resume=resume, progress=progress).fit()
 
 

@@ -95,3 +95,20 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def ensure_writable(folder: PathLike, key: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any work.
+
+    Raises ValueError naming the config ``key`` and the reason (a parent that is a file, a
+    read-only file system, missing permissions).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{key}={folder} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
+                         f"choose another folder or fix its permissions") from None

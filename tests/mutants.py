@@ -1,0 +1,169 @@
+"""Mutation check: plant known bugs one at a time in a copy of the project and see which tests catch them.
+
+Not part of the default test run (pytest collects ``test_*.py`` only). Run it before saying a change
+to the code that joins the pieces is done::
+
+    python tests/mutants.py            # every mutant; exit status 1 if any survives
+    python tests/mutants.py --list     # names only
+    python tests/mutants.py --only ema # mutants whose name contains 'ema'
+
+Each mutant replaces one exact piece of source text (it must occur exactly once, so a mutant that no
+longer applies after a refactor is reported, not silently skipped), runs the named test files in the
+copy with ``-x`` and records the first failing test. A mutant is *killed* when some test fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("dual path: clip index from the sampler's own step count",
+           "gl_lcm/pipeline.py",
+           "        clip = clip_at(t) if clip_at is not None else None",
+           "        clip = clip_at(999 - 20 * j) if clip_at is not None else None",
+           ("tests/test_pipeline.py",)),
+    Mutant("dual path: global and local predictions swapped in the guidance call",
+           "gl_lcm/pipeline.py",
+           "apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)",
+           "apply_guidance(mode, eps_local, eps_global, alpha, noise=leg_noise)",
+           ("tests/test_pipeline.py",)),
+    Mutant("post-processing: local mean shift measured over the whole image",
+           "gl_lcm/pipeline.py",
+           "l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)",
+           "l = np.clip(l + (g.mean() - l.mean()), 0.0, 1.0)",
+           ("tests/test_pipeline.py",)),
+    Mutant("DICOM: MONOCHROME1 inverted before the VOI window",
+           "gl_lcm/data/io.py",
+           "        values = apply_modality_lut(pixels, ds)\n        values = apply_voi_lut(values, ds)\n"
+           "        values = values.astype(np.float64)\n        if photometric == \"MONOCHROME1\":\n"
+           "            # MONOCHROME1: minimum is white after the VOI step, so flip to bone-bright.\n"
+           "            values = -values",
+           "        values = apply_modality_lut(pixels, ds)\n        if photometric == \"MONOCHROME1\":\n"
+           "            values = -values\n        values = apply_voi_lut(values, ds)\n"
+           "        values = values.astype(np.float64)",
+           ("tests/test_io.py",)),
+    Mutant("write_png writes straight to the target path",
+           "gl_lcm/data/io.py",
+           "    with atomic_path(path) as tmp:\n        if not cv2.imwrite(str(tmp), quantised):",
+           "    if True:\n        if not cv2.imwrite(str(path), quantised):",
+           ("tests/test_io.py", "tests/test_atomic.py")),
+    Mutant("load_checkpoint unpickles arbitrary objects (weights_only=False)",
+           "gl_lcm/train/checkpoint.py",
+           "map_location=map_location, weights_only=True)",
+           "map_location=map_location, weights_only=False)",
+           ("tests/test_training.py",)),
+    Mutant("update_ema takes decay where it should take 1 - decay",
+           "gl_lcm/models/factory.py",
+           "e.lerp_(p.detach(), 1.0 - decay)",
+           "e.lerp_(p.detach(), decay)",
+           ("tests/test_training.py",)),
+    Mutant("every DDP rank trains on the same data shard",
+           "gl_lcm/train/loop.py",
+           "ResumableSampler(len(dataset), self.dist.rank,",
+           "ResumableSampler(len(dataset), 0,",
+           ("tests/test_training.py",)),
+    Mutant("ErrorLog.clear does nothing",
+           "gl_lcm/evaluate.py",
+           "        if self.rows.pop(name, None) is not None:\n            self.flush()",
+           "        pass",
+           ("tests/test_pipeline.py",)),
+    Mutant("config: more LCM steps than the original grid accepted",
+           "gl_lcm/config.py",
+           "    if lcm.num_inference_steps > lcm.original_inference_steps:",
+           "    if False:",
+           ("tests/test_config.py",)),
+    Mutant("resume: mid-epoch offset forgotten (a resumed epoch restarts)",
+           "gl_lcm/train/loop.py",
+           "self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.train.batch_size)",
+           "self.sampler.set_epoch(self.epoch, 0)",
+           ("tests/test_training.py",)),
+    Mutant("LEG: noise scaled by the batch's std instead of each sample's",
+           "gl_lcm/diffusion/guidance.py",
+           "return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local)",
+           "return alpha * eps_local + (1 - alpha) * noise / eps_local.std()",
+           ("tests/test_guidance.py", "tests/test_pipeline.py")),
+]
+
+
+def copy_project(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the checkout (no venvs, runs or caches)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    shared = REPO.parent / "shared"
+    if shared.is_dir():  # real-data tests look for ../shared beside the repository
+        (dest.parent / "shared").symlink_to(shared)
+
+
+def run_mutant(copy: Path, m: Mutant) -> tuple[str, float]:
+    """Plant ``m`` in ``copy``, run its tests, restore. Returns (first failing test or '', seconds)."""
+    target = copy / m.path
+    original = target.read_text()
+    count = original.count(m.old)
+    if count != 1:
+        raise SystemExit(f"mutant '{m.name}': the text to replace occurs {count} times in {m.path} "
+                         f"(expected once); update tests/mutants.py to the current code")
+    target.write_text(original.replace(m.old, m.new))
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    start = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+                           cwd=copy, env=env, capture_output=True, text=True)
+    finally:
+        target.write_text(original)
+    seconds = time.perf_counter() - start
+    if r.returncode == 0:
+        return "", seconds
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    return (failed[0] if failed else f"pytest exit {r.returncode}"), seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the mutant names and exit")
+    parser.add_argument("--only", default="", help="run mutants whose name contains this text")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only.lower() in m.name.lower()]
+    if args.list:
+        print("\n".join(m.name for m in chosen))
+        return 0
+    survivors = 0
+    with tempfile.TemporaryDirectory(prefix="gl-lcm-mutants-") as tmp:
+        copy = Path(tmp) / "repo"
+        copy.mkdir()
+        copy_project(copy)
+        print("| mutant | killed by | s |\n|:--|:--|--:|", flush=True)
+        for m in chosen:
+            killer, seconds = run_mutant(copy, m)
+            survivors += not killer
+            print(f"| {m.name} | {killer or '**SURVIVED**'} | {seconds:.0f} |", flush=True)
+    print(f"\n{len(chosen) - survivors} of {len(chosen)} mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
