@@ -13,7 +13,12 @@ runtime = [
     "lpips>=0.1.4,<0.2",
     "tqdm>=4.64",
     "pyyaml>=6.0",
-    "pydicom>=2.4",
+    "pydicom>=3.0",
+    # pydicom pixel-data plugins: JPEG (libjpeg), JPEG-LS (libjpeg), JPEG 2000 (openjpeg), RLE
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.3",
+    "pylibjpeg-rle>=2.0",
     "matplotlib>=3.7",
 ]
 
@@ -26,6 +31,6 @@ setup(
     packages=find_packages(include=["gl_lcm", "gl_lcm.*"]),
     python_requires=">=3.10",
     install_requires=runtime,
-    extras_require={"test": ["pytest>=7.4", "diffusers>=0.27", "pytorch-msssim>=1.0"]},
+    extras_require={"test": ["pytest>=7.4", "diffusers>=0.27", "pytorch-msssim>=1.0", "pyjpegls>=1.2"]},
     entry_points={"console_scripts": ["gl-lcm=gl_lcm.cli:main"]},
 )

@@ -23,9 +23,22 @@ def _cfg(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _allow_non_chest_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-non-chest", action="store_true",
+                   help="skip the DICOM Modality / BodyPartExamined checks (the image checks still run)")
+
+
 def _resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto",
                    help="'auto' (newest checkpoint in train.output_dir), 'none', or a checkpoint path")
+
+
+# Exit status of a batch command in which some images failed (each recorded in errors.csv).
+EXIT_SOME_FAILED = 1
+
+
+def _exit_code(failed: int) -> int:
+    return EXIT_SOME_FAILED if failed else 0
 
 
 # ---------------------------------------------------------------------------- commands
@@ -63,6 +76,9 @@ def cmd_metrics(args):
     print((Path(args.out) / "table.md").read_text())
     if result["missing_count"]:
         print(f"{result['missing_count']} predictions missing (listed in {Path(args.out) / 'missing.txt'})")
+    if result["failed_count"]:
+        print(f"{result['failed_count']} images failed (reasons in {Path(args.out) / 'errors.csv'})", file=sys.stderr)
+    return _exit_code(result["failed_count"])
 
 
 def cmd_train_vqgan(args):
@@ -104,19 +120,22 @@ def cmd_train_seg(args):
 def cmd_segment(args):
     from gl_lcm.evaluate import segment_path
 
-    segment_path(_cfg(args), args.input, args.out)
+    return _exit_code(segment_path(_cfg(args), args.input, args.out, allow_non_chest=args.allow_non_chest)["failed"])
 
 
 def cmd_evaluate(args):
     from gl_lcm.evaluate import evaluate_split
 
-    evaluate_split(_cfg(args), split=args.split, overwrite=args.overwrite, no_lpips=args.no_lpips)
+    result = evaluate_split(_cfg(args), split=args.split, overwrite=args.overwrite, no_lpips=args.no_lpips)
+    return _exit_code(result["counts"].failed + result["metrics_failed"])
 
 
 def cmd_suppress(args):
     from gl_lcm.evaluate import suppress_path
 
-    suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth)
+    counts = suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth, output_format=args.format,
+                           allow_non_chest=args.allow_non_chest)
+    return _exit_code(counts.failed)
 
 
 def cmd_ablate(args):
@@ -200,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("segment", cmd_segment, "lung masks and overlays for one image or a folder")
     p.add_argument("input")
     p.add_argument("-o", "--out", required=True)
+    _allow_non_chest_arg(p)
     _config_args(p, required=False)
 
     p = add("evaluate", cmd_evaluate, "run GL-LCM over a split: predictions, figures, timings, metrics")
@@ -211,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("suppress", cmd_suppress, "bone-suppress one image, a folder or DICOM files (output at original size)")
     p.add_argument("input")
     p.add_argument("-o", "--out", required=True)
-    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
+    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=None,
+                   help="PNG bit depth (default: the input's: 8-bit input -> 8, deeper or DICOM -> 16)")
+    p.add_argument("--format", choices=["auto", "png", "dicom"], default="auto",
+                   help="folder output: auto = derived DICOM for DICOM inputs, PNG otherwise "
+                        "(a single output file's suffix, .png or .dcm, decides)")
+    _allow_non_chest_arg(p)
     _config_args(p)
 
     p = add("ablate", cmd_ablate, "guidance x fusion ablation tables (PSNR and LPIPS)")
@@ -229,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("GL_LCM_DEBUG"):
             raise
         print(f"gl-lcm {args.command}: error: {exc}", file=sys.stderr)
         print("(set GL_LCM_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

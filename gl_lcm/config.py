@@ -138,7 +138,9 @@ class OneStepConfig:
 
 @dataclass
 class SegmentationConfig:
-    method: str = opt("classical", "lung segmentation method", choices=["classical", "unet", "folder"])
+    method: str = opt("classical", "lung segmentation method (pretrained: the lungs-segmentation package's "
+                                   "published ResNet34 U-Net, weights in checkpoints.lungs_segmentation)",
+                      choices=["classical", "unet", "folder", "pretrained"])
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
     image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
     base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
@@ -196,6 +198,8 @@ class CheckpointsConfig:
     teacher: str = opt("", "trained latent-diffusion teacher checkpoint")
     student: str = opt("", "distilled consistency student checkpoint")
     segnet: str = opt("", "lung segmentation U-Net checkpoint (segmentation.method = unet)")
+    lungs_segmentation: str = opt("", "resnet34.pth of the lungs-segmentation package, from its GitHub releases "
+                                      "(segmentation.method = pretrained; never downloaded at run time)")
 
 
 @dataclass

@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from gl_lcm.config import Config, resolve_data_path, save_config
 from gl_lcm.pipeline import fuse_with_config
-from gl_lcm.data.io import list_images, read_image, write_png
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text, ensure_writable
+from gl_lcm.data.chest_check import check_chest_input
+from gl_lcm.data.io import list_images, read_image, read_image_info, write_png
+from gl_lcm.utils.atomic import atomic_path, atomic_write_text, ensure_writable, remove_stale_temporaries
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -55,6 +56,12 @@ class Segmenter:
                                  "`gl-lcm train-seg` or use segmentation.method=classical")
             self.device = device if device is not None else resolve_device(cfg.device)
             self.model, _ = load_segnet(cfg.checkpoints.segnet, self.device)
+        if cfg.segmentation.method == "pretrained":
+            from gl_lcm.models.published_lungseg import load_published_lungseg
+            from gl_lcm.utils.dist import resolve_device
+
+            self.device = resolve_device(cfg.device)
+            self.model = load_published_lungseg(cfg.checkpoints.lungs_segmentation, self.device)
         if cfg.segmentation.method == "folder" and not cfg.segmentation.mask_dir:
             raise ValueError("segmentation.method is 'folder' but segmentation.mask_dir is empty")
 
@@ -73,6 +80,8 @@ class Segmenter:
         kw = {}
         if s.method == "unet":
             kw = {"model": self.model, "image_size": s.image_size, "device": self.device}
+        elif s.method == "pretrained":
+            kw = {"model": self.model, "device": self.device}
         elif s.method == "folder":
             kw = {"mask_dir": s.mask_dir}
         mask = segment_lungs(image01, s.method, name=name, min_area=min_area, **kw)
@@ -121,17 +130,33 @@ class ErrorLog:
         atomic_write_text(self.path, buf.getvalue())
 
 
-def segment_path(cfg: Config, input_path: str, out_dir: str) -> dict[str, int]:
-    """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures."""
+def read_chest_input(name: str, path: Path, allow_non_chest: bool = False):
+    """Read a user's film and refuse non-chest inputs (:mod:`gl_lcm.data.chest_check`).
+
+    Returns the :class:`~gl_lcm.data.io.ImageInfo`; raises ImageReadError or NonChestInputError
+    (both ValueErrors) whose message names the file and the reason.
+    """
+    info = read_image_info(path)
+    check_chest_input(str(path), info.image, info.colourfulness,
+                      info.dicom.header if info.dicom is not None else None, allow_non_chest)
+    return info
+
+
+def segment_path(cfg: Config, input_path: str, out_dir: str, allow_non_chest: bool = False) -> dict[str, int]:
+    """`gl-lcm segment`: masks/ and overlays/ for one image or a folder; errors.csv for failures.
+
+    Non-chest inputs are refused (errors.csv names the reason); ``allow_non_chest`` skips the
+    DICOM metadata part of that check."""
     out = Path(out_dir)
     ensure_writable(out, "--out")
+    remove_stale_temporaries(out)
     seg = Segmenter(cfg, out)
     errors = ErrorLog(out / "errors.csv")
     ok = 0
     files = _inputs(input_path)
     for name, path in tqdm(sorted(files.items()), desc="segment", unit="img"):
         try:
-            image, _ = read_image(path)
+            image = read_chest_input(name, path, allow_non_chest).image
             seg(name, image)
             errors.clear(name)
             ok += 1
@@ -303,8 +328,9 @@ def run_pipeline_on_split(cfg: Config, pipeline, stems: Sequence[str], cxr_files
 
     counts = RunCounts()
     seg = segmenter or Segmenter(cfg, out, overwrite=overwrite)
-    if rank == 0:
-        _fold_stale_shards(out)  # shards left by an interrupted sharded run (no rank writes shards yet)
+    if rank == 0:  # before any rank writes (the others wait at the barrier below)
+        remove_stale_temporaries(out)  # half-written files of a killed earlier run
+        _fold_stale_shards(out)  # shards left by an interrupted sharded run
     extra_fusions = [m for m in fusion_modes if m != cfg.fusion.mode]
     todo = []
     for stem in stems:
@@ -458,10 +484,12 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
 def _write_report(cfg: Config, out: Path, stems, lpips_metric, counts: RunCounts) -> dict:
     from gl_lcm.metrics import markdown_table
 
-    summaries = {}
+    summaries, metrics_failed = {}, set()
     for sub, name in (("global", "global path"), ("local", "local path"), ("fused", "GL-LCM (fused)")):
         if (out / sub).is_dir():
-            summaries[name] = _finish_metrics(cfg, out, sub, name, stems, lpips_metric)["metrics"]
+            result = _finish_metrics(cfg, out, sub, name, stems, lpips_metric)
+            summaries[name] = result["metrics"]
+            metrics_failed.update(result["failed"])
     table = markdown_table(summaries, lpips_protocol=lpips_metric.protocol if lpips_metric else None)
     timings = _read_timings(out / "timing.csv")
     mean_t = {s: float(np.mean([t[s] for t in timings.values()])) for s in TIMING_STAGES} if timings else {}
@@ -469,26 +497,48 @@ def _write_report(cfg: Config, out: Path, stems, lpips_metric, counts: RunCounts
               f"{cfg.guidance.mode}, fusion {cfg.fusion.mode})\n\n{table}\n"
               + ("Mean time per image (s): " + ", ".join(f"{k} {v:.3f}" for k, v in mean_t.items()) + "\n"
                  if mean_t else "")
-              + f"\n{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped.\n")
+              + f"\n{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped.\n"
+              + (f"Left out of the metrics (unreadable or wrong-size outputs, see metrics/*/errors.csv): "
+                 f"{', '.join(sorted(metrics_failed))}.\n" if metrics_failed else ""))
     atomic_write_text(out / "report.md", report)
     print(table)
     print(f"{counts.succeeded} succeeded, {counts.failed} failed, {counts.skipped} skipped -> {out}")
-    return {"counts": counts, "summaries": summaries, "timing": mean_t}
+    return {"counts": counts, "summaries": summaries, "timing": mean_t, "metrics_failed": len(metrics_failed)}
 
 
 # ---------------------------------------------------------------------------- suppress
-def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: int = 8, pipeline=None) -> RunCounts:
-    """`gl-lcm suppress`: one image, a folder or DICOM files -> soft-tissue PNG at the input's original size.
+OUTPUT_FORMATS = ("auto", "png", "dicom")
 
-    A single input file with an output ending in .png writes that file; otherwise ``output`` is a folder.
+
+def model_description(cfg: Config) -> str:
+    """Names the model that made a result, for DICOM SeriesDescription / DerivationDescription."""
+    ckpt = Path(getattr(cfg.checkpoints, cfg.eval.model) or "").name or "no checkpoint"
+    return (f"GL-LCM {cfg.eval.model} {ckpt}, {cfg.lcm.num_inference_steps} steps, guidance {cfg.guidance.mode}, "
+            f"fusion {cfg.fusion.mode}")
+
+
+def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: Optional[int] = None, pipeline=None,
+                  output_format: str = "auto", allow_non_chest: bool = False) -> RunCounts:
+    """`gl-lcm suppress`: one image, a folder or DICOM files -> soft-tissue image at the input's original size.
+
+    A single input file with an output ending in .png or .dcm writes that file; otherwise ``output`` is a
+    folder. ``output_format`` "auto" writes a derived DICOM for a DICOM input (:mod:`gl_lcm.data.dicom_out`)
+    and a PNG otherwise; "png" / "dicom" force one (DICOM needs a DICOM input). PNG bit depth: ``bit_depth``,
+    or by default the input's (8-bit input -> 8, deeper inputs -> 16). Non-chest inputs are refused.
     Under torchrun rank r handles images r, r + N, ... (sorted by name); rank 0 merges errors.csv
     after every rank has finished. Returns this process's counts (rank 0: the totals).
     """
+    from gl_lcm.data.dicom_out import write_derived_dicom
     from gl_lcm.utils.dist import barrier
 
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     files = _inputs(input_path)
     out = Path(output)
-    single = len(files) == 1 and Path(input_path).is_file() and out.suffix.lower() == ".png"
+    single = len(files) == 1 and Path(input_path).is_file() and out.suffix.lower() in (".png", ".dcm")
+    if single:
+        output_format = "dicom" if out.suffix.lower() == ".dcm" else "png"
+    description = model_description(cfg)
     with ranks(cfg) as info:
         if pipeline is None:
             from gl_lcm.pipeline import GLLCMPipeline
@@ -501,12 +551,21 @@ def suppress_path(cfg: Config, input_path: str, output: str, bit_depth: int = 8,
         errors = _rank_error_log(log_dir, info.rank, info.world_size, [n for n, _ in mine])
         for name, path in tqdm(mine, desc="suppress", unit="img"):
             try:
-                image, _ = read_image(path)
+                film = read_chest_input(name, path, allow_non_chest)
+                image = film.image
+                as_dicom = output_format == "dicom" or (output_format == "auto" and film.dicom is not None)
+                if as_dicom and film.dicom is None:
+                    raise ValueError(f"{path}: DICOM output needs a DICOM input (this is not one); write PNG instead")
                 mask = seg(name, image)
                 r = pipeline.run([name], [image], [mask])[0]
                 h, w = image.shape
                 result = cv2.resize(r.fused, (w, h), interpolation=cv2.INTER_CUBIC) if (h, w) != r.fused.shape else r.fused
-                write_png(out if single else out / f"{name}.png", np.clip(result, 0, 1), bit_depth)
+                result = np.clip(result, 0, 1)
+                if as_dicom:
+                    write_derived_dicom(out if single else out / f"{name}.dcm", result, film.dicom, description)
+                else:
+                    depth = bit_depth or (8 if film.bit_depth <= 8 else 16)
+                    write_png(out if single else out / f"{name}.png", result, depth)
                 errors.clear(name)
                 counts.succeeded += 1
             except (ValueError, FileNotFoundError) as exc:

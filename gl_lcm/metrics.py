@@ -354,6 +354,20 @@ def _csv_text(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def size_mismatch(pred_shape: Sequence[int], gt_shape: Sequence[int]) -> Optional[str]:
+    """Why a prediction of ``pred_shape`` (H, W) cannot be the ground truth's image, or None.
+
+    A prediction at another resolution is fine (the metrics resize both) as long as it has
+    the same aspect ratio, within the one pixel of rounding a resize makes.
+    """
+    ph, pw = pred_shape[:2]
+    gh, gw = gt_shape[:2]
+    if abs(ph * gw / gh - pw) <= 1.0 + 1e-9 or abs(pw * gh / gw - ph) <= 1.0 + 1e-9:
+        return None
+    return (f"wrong size: the prediction is {pw}x{ph} px, the ground truth {gw}x{gh} px "
+            "(not the same aspect ratio, so not a resized copy)")
+
+
 def evaluate_folders(
     cxr_dir: PathLike,
     gt_dir: PathLike,
@@ -369,13 +383,16 @@ def evaluate_folders(
 
     cxr_dir / gt_dir must pair up (for ``stems`` when given, else for all files);
     predictions missing for some stems are listed by name in ``missing.txt`` and the
-    summary and counted, never silently dropped. Writes atomically into out_dir:
+    summary and counted, never silently dropped. A prediction (or input) that cannot be read,
+    is corrupt or has the wrong size (:func:`size_mismatch`) is recorded for that image in
+    ``errors.csv`` (image, stage, reason), counted in the summary and named in the table's
+    notes; the table is computed on the rest. Writes atomically into out_dir:
     ``per_image.csv`` (stem, bsr, mse, psnr[, lpips]), ``summary.json`` (mean and
     population std per metric, counts, missing stems, LPIPS protocol; inf as the
     string "inf"), ``table.md`` (:func:`markdown_table`, one row named
     ``method_name``, default the pred folder name) and ``missing.txt``.
-    Returns dict(metrics=metric -> (mean, std), count, missing, missing_count,
-    unused_predictions, lpips_protocol, image_size).
+    Returns dict(metrics=metric -> (mean, std), count, missing, missing_count, failed,
+    failed_count, unused_predictions, lpips_protocol, image_size).
     """
     from tqdm import tqdm
 
@@ -390,14 +407,25 @@ def evaluate_folders(
     present = [p for p in pairs if p.stem in predictions]
 
     rows: List[Dict[str, object]] = []
+    failed: Dict[str, Tuple[str, str]] = {}  # stem -> (stage, reason): recorded, the rest goes on
     for pair in tqdm(present, desc="evaluate", disable=not progress, unit="img"):
-        cxr, _ = read_image(pair.cxr)
-        gt, _ = read_image(pair.bs)
-        pred, _ = read_image(predictions[pair.stem])
+        stage = "read input"
         try:
+            cxr, _ = read_image(pair.cxr)
+            gt, _ = read_image(pair.bs)
+            stage = "read prediction"
+            pred, _ = read_image(predictions[pair.stem])
+            stage = "prediction size"
+            problem = size_mismatch(pred.shape, gt.shape)
+            if problem:
+                raise ValueError(f"{predictions[pair.stem]}: {problem}")
+            stage = "metrics"
             values = compute_metrics(cxr, gt, pred, image_size=image_size, lpips_metric=lpips_metric)
-        except ValueError as exc:
-            raise ValueError(f"evaluating '{pair.stem}': {exc}") from exc
+        except ValueError as exc:  # ImageReadError is a ValueError
+            failed[pair.stem] = (stage, f"{type(exc).__name__}: {exc}")
+            if progress:
+                tqdm.write(f"  {pair.stem}: {stage} failed: {exc}")
+            continue
         rows.append({"stem": pair.stem, **values})
 
     metrics = summarize(rows)
@@ -408,11 +436,18 @@ def evaluate_folders(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_image.csv", _csv_text(rows, columns))
     atomic_write_text(out_dir / "missing.txt", "".join(f"{s}\n" for s in missing))
+    errors = _io.StringIO()
+    writer = csv.writer(errors, lineterminator="\n")
+    writer.writerow(["image", "stage", "reason"])
+    writer.writerows([stem, stage, reason] for stem, (stage, reason) in sorted(failed.items()))
+    atomic_write_text(out_dir / "errors.csv", errors.getvalue())
     summary_json = {
         "metrics": {k: {"mean": _json_number(m), "std": _json_number(s)} for k, (m, s) in metrics.items()},
         "count": len(rows),
         "missing_count": len(missing),
         "missing": missing,
+        "failed_count": len(failed),
+        "failed": {stem: reason for stem, (_, reason) in sorted(failed.items())},
         "unused_predictions": len(unused),
         "lpips_protocol": protocol,
         "image_size": image_size,
@@ -422,12 +457,17 @@ def evaluate_folders(
     name = method_name if method_name is not None else Path(pred_dir).name
     table = markdown_table({name: metrics}, lpips_protocol=protocol)
     table += f"\n{len(rows)} images evaluated; {len(missing)} predictions missing.\n"
+    if failed:
+        table += (f"{len(failed)} images failed and are left out of the table (reasons in errors.csv): "
+                  + ", ".join(sorted(failed)) + ".\n")
     atomic_write_text(out_dir / "table.md", table)
     return {
         "metrics": metrics,
         "count": len(rows),
         "missing": missing,
         "missing_count": len(missing),
+        "failed": sorted(failed),
+        "failed_count": len(failed),
         "unused_predictions": len(unused),
         "lpips_protocol": protocol,
         "image_size": image_size,

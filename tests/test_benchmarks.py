@@ -132,3 +132,10 @@ def test_gpu_check_cpu_mode():
     cuda_rows = [r for r in rows if r.startswith("| cuda tests")]
     assert len(cuda_rows) >= 4 and all("skipped" in r for r in cuda_rows)
     assert "Skipped without CUDA:" in out and "training runs" in out and "Machine:" in out
+
+
+def test_bench_chest_check_smoke(tmp_path):
+    out = run_script("bench_chest_check.py", "--data", str(tmp_path / "no-data"), "--phantoms", "1")
+    rows = table_rows(out, "| group | films | accepted | refused |")
+    assert len(rows) == 1 and rows[0].startswith("| chest: phantoms 128/256/512 px | 3 | 3 | 0 |")
+    assert "Machine:" in out

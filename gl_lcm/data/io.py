@@ -7,9 +7,15 @@ bit depth the file stored. Supported inputs:
 - PNG, JPEG, TIFF, BMP: 8-bit or 16-bit, gray or colour (colour is converted to gray
   with OpenCV's ITU-R BT.601 weights, as ``cv2.imread(path, 0)`` in the published
   code). Values are divided by 255 or 65535: no per-image stretching.
-- DICOM (``.dcm``, or any file with ``DICM`` at byte 128): modality LUT (rescale
-  slope / intercept), then VOI LUT or window when present, MONOCHROME1 inverted after
-  the VOI step as the standard says, then min-max to [0, 1]. Bit depth = BitsStored.
+- DICOM (``.dcm`` / ``.dicom``, or any file with ``DICM`` at byte 128): uncompressed,
+  or compressed (JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, RLE) through
+  pydicom's pixel-data plugins (pylibjpeg with its libjpeg, openjpeg and rle plugins;
+  Pillow also decodes JPEG baseline); a syntax with no installed decoder is an error
+  naming the package to install. Legacy (ACR-NEMA style) files without preamble / File
+  Meta header are read with a :class:`LegacyDicomWarning`. Signed or unsigned pixels,
+  modality LUT (rescale slope / intercept or Modality LUT Sequence), then VOI LUT
+  Sequence or window when present, MONOCHROME1 inverted after the VOI step as the
+  standard says, then min-max to [0, 1]. Bit depth = BitsStored.
 - JSRT raw ``.IMG``: 2048 x 2048, 12 bits stored in big-endian uint16, no header
   (JSRT database description: "2048x2048 matrix, 0.175-mm pixels, 12-bit gray scale,
   no header, big-endian raw data"). The values grow with the film's optical density,
@@ -25,8 +31,10 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -37,7 +45,7 @@ from gl_lcm.utils.atomic import atomic_path
 PathLike = Union[str, os.PathLike]
 
 # Lower-case suffixes that list_images() picks up.
-IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".img")
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".img")
 
 JSRT_SIZE = 2048
 JSRT_BITS = 12
@@ -73,6 +81,12 @@ def read_image(path: PathLike, allow_constant: bool = False) -> Tuple[np.ndarray
     8-16-bit DICOM) gray or colour image. A constant image is an error (an
     "empty" CXR) unless ``allow_constant`` (for masks, which may be all 0 or all 1).
     """
+    info = read_image_info(path, allow_constant)
+    return info.image, info.bit_depth
+
+
+def read_image_info(path: PathLike, allow_constant: bool = False) -> ImageInfo:
+    """As :func:`read_image`, plus colourfulness and, for DICOM, the header and value mapping."""
     path = Path(path)
     if not path.is_file():
         raise ImageFileNotFound(f"cannot read image {path}: file not found")
@@ -81,24 +95,25 @@ def read_image(path: PathLike, allow_constant: bool = False) -> Tuple[np.ndarray
         raise _fail(path, "file is empty (0 bytes)")
 
     suffix = path.suffix.lower()
-    if suffix == ".dcm" or data[128:132] == b"DICM":
-        image, bit_depth = _read_dicom(path, allow_constant)
+    colourfulness, dicom = 0.0, None
+    if suffix in (".dcm", ".dicom") or data[128:132] == b"DICM":
+        image, bit_depth, colourfulness, dicom = _read_dicom(path, allow_constant)
     elif suffix == ".img" and not _has_known_magic(data):
         image, bit_depth = _read_jsrt_raw(path, data)
     else:
-        image, bit_depth = _read_raster(path, data)
+        image, bit_depth, colourfulness = _read_raster(path, data)
 
     low, high = float(image.min()), float(image.max())
     if low == high and not allow_constant:
         raise _fail(path, f"empty image: every pixel has the same value ({low:.6g})")
-    return image, bit_depth
+    return ImageInfo(image, bit_depth, colourfulness, dicom)
 
 
 def _has_known_magic(data: bytes) -> bool:
     return data.startswith((_PNG_MAGIC, _JPEG_MAGIC, *_TIFF_MAGICS))
 
 
-def _read_raster(path: Path, data: bytes) -> Tuple[np.ndarray, int]:
+def _read_raster(path: Path, data: bytes) -> Tuple[np.ndarray, int, float]:
     """PNG / JPEG / TIFF / BMP through OpenCV, with structural checks OpenCV skips."""
     if data.startswith(_PNG_MAGIC):
         kind = "PNG"
@@ -135,7 +150,8 @@ def _read_raster(path: Path, data: bytes) -> Tuple[np.ndarray, int]:
         raise _fail(path, f"unsupported bit depth: {kind} with {decoded.dtype} samples (only 8 and 16-bit unsigned)")
 
     gray = _to_gray(path, decoded)
-    return (gray.astype(np.float32) / np.float32(scale)), bit_depth
+    colourfulness = _colourfulness(decoded[..., :3] / scale) if decoded.ndim == 3 and decoded.shape[2] >= 3 else 0.0
+    return (gray.astype(np.float32) / np.float32(scale)), bit_depth, colourfulness
 
 
 def _to_gray(path: Path, decoded: np.ndarray) -> np.ndarray:
@@ -196,18 +212,132 @@ def _read_jsrt_raw(path: Path, data: bytes) -> Tuple[np.ndarray, int]:
     return image.astype(np.float32), JSRT_BITS
 
 
-def _read_dicom(path: Path, allow_constant: bool) -> Tuple[np.ndarray, int]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+# pip packages that decode each compressed transfer syntax (pydicom's pixel-data plugins),
+# and an alternative where one exists.
+_LIBJPEG = ("pylibjpeg pylibjpeg-libjpeg", "")
+_OPENJPEG = ("pylibjpeg pylibjpeg-openjpeg", "")
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": ("pylibjpeg pylibjpeg-libjpeg", " (or Pillow)"),  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,  # JPEG Extended 12-bit
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": ("pylibjpeg pylibjpeg-libjpeg", " (or pyjpegls)"),  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": ("pylibjpeg pylibjpeg-libjpeg", " (or pyjpegls)"),  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": _OPENJPEG,  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": _OPENJPEG,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,  # HTJ2K
+    "1.2.840.10008.1.2.5": ("pylibjpeg pylibjpeg-rle", ""),  # RLE Lossless
+}
+
+
+class LegacyDicomWarning(UserWarning):
+    """A DICOM file without the preamble / File Meta header was read (ACR-NEMA style)."""
+
+
+@dataclass
+class DicomSource:
+    """What reading a DICOM file did, so that a result can be written back as DICOM.
+
+    ``header``: the data set without its pixel data. ``low`` / ``high``: the display values
+    (see :func:`dicom_display_values`) that the [0, 1] image's 0 and 1 stand for.
+    """
+
+    header: "object"
+    low: float
+    high: float
+
+
+@dataclass
+class ImageInfo:
+    """Everything :func:`read_image_info` learns about a file.
+
+    ``image``: float32 H x W in [0, 1], bone bright. ``bit_depth``: stored bits.
+    ``colourfulness``: mean absolute difference between colour channels in [0, 1]
+    (0 for gray files; a photograph scores well above a gray film saved as RGB).
+    ``dicom``: :class:`DicomSource` for DICOM files, else None.
+    """
+
+    image: np.ndarray
+    bit_depth: int
+    colourfulness: float = 0.0
+    dicom: Optional[DicomSource] = None
+
+
+def dicom_display_values(stored: np.ndarray, ds) -> np.ndarray:
+    """Stored DICOM values -> float64 display values, larger = brighter (bone bright).
+
+    The standard's grayscale pipeline (PS3.3 C.11): modality LUT (Rescale Slope /
+    Intercept or Modality LUT Sequence), then the VOI LUT (VOI LUT Sequence, else Window
+    Center / Width), then, for MONOCHROME1, a sign flip. The flip must come after the VOI
+    step: the window is defined on the modality values, not on their negatives.
+    Works on any array of stored values (an image, or every possible stored value).
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    values = apply_modality_lut(np.asarray(stored), ds)
+    with warnings.catch_warnings():
+        # The standard feeds the modality output (float after a rescale) to the VOI LUT; pydicom
+        # warns about float input to a LUT, which here is what PS3.3 C.11 asks for.
+        warnings.filterwarnings("ignore", message="Applying a VOI LUT on a float input")
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        values = -values
+    return values
+
+
+def _dcmread(path: Path):
+    """pydicom data set of ``path``; legacy files without preamble / File Meta are read with a warning."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
     try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise _fail(path, f"not a DICOM file ({exc})") from exc
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        pass
     except Exception as exc:  # pydicom raises assorted errors on cut files
         raise _fail(path, f"truncated or corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+    # No 128-byte preamble + "DICM" + File Meta: an ACR-NEMA style (legacy) file, or not DICOM at all.
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        has_image = "PixelData" in ds and "Rows" in ds and "Columns" in ds
+    except Exception as exc:
+        raise _fail(path, f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
+    if not has_image:
+        raise _fail(path, "not a DICOM file (no DICOM preamble, and no image elements when read as a legacy file)")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        syntax = ds.file_meta.TransferSyntaxUID
+    warnings.warn(f"{path}: legacy DICOM file without preamble / File Meta header; read with "
+                  f"pydicom force=True as {syntax.name}", LegacyDicomWarning, stacklevel=3)
+    return ds
 
+
+def _decode_problem(syntax) -> Optional[str]:
+    """Why pydicom cannot decode ``syntax`` here (naming the package to install), or None."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return (f"no DICOM pixel-data decoder exists for transfer syntax {syntax} ({getattr(syntax, 'name', '?')}); "
+                "convert the file to an uncompressed transfer syntax first (e.g. `gdcmconv --raw in.dcm out.dcm` "
+                "or `dcmdjpeg`)")
+    if decoder.is_available:
+        return None
+    packages, alternative = _DECODER_PACKAGES.get(
+        str(syntax), ("pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle", " (or gdcm)"))
+    return (f"no decoder installed for transfer syntax {syntax} ({getattr(syntax, 'name', '?')}); "
+            f"install one with `pip install {packages}`{alternative}")
+
+
+def _read_dicom(path: Path, allow_constant: bool) -> Tuple[np.ndarray, int, float, DicomSource]:
+    ds = _dcmread(path)
     if "PixelData" not in ds:
         raise _fail(path, "DICOM file has no pixel data")
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0)
@@ -216,34 +346,43 @@ def _read_dicom(path: Path, allow_constant: bool) -> Tuple[np.ndarray, int]:
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise _fail(path, f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
 
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None:
+        problem = _decode_problem(syntax)
+        if problem is not None:
+            raise _fail(path, problem)
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise _fail(path, f"cannot decode DICOM pixel data (transfer syntax {syntax}): {exc}") from exc
+        raise _fail(path, f"cannot decode DICOM pixel data (transfer syntax {syntax or 'unknown'}): {exc}") from exc
 
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    colourfulness = 0.0
     if int(ds.get("SamplesPerPixel", 1)) == 3:
-        # pydicom hands colour data back as RGB; weights as cv2 BGR->gray.
+        # pydicom hands colour data back as RGB (converted from YBR); weights as cv2 BGR->gray.
         rgb = pixels.astype(np.float64)
         values = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+        colourfulness = _colourfulness(rgb / float((1 << int(ds.get("BitsAllocated", 8))) - 1))
     else:
-        values = apply_modality_lut(pixels, ds)
-        values = apply_voi_lut(values, ds)
-        values = values.astype(np.float64)
-        if photometric == "MONOCHROME1":
-            # MONOCHROME1: minimum is white after the VOI step, so flip to bone-bright.
-            values = -values
+        values = dicom_display_values(pixels, ds)
 
     if values.ndim != 2:
         raise _fail(path, f"unsupported DICOM pixel layout {values.shape}")
+    header = ds.copy()
+    del header.PixelData
     low, high = float(values.min()), float(values.max())
     if low == high:
         if not allow_constant:
             raise _fail(path, f"empty image: every pixel has the same value ({low:.6g})")
-        return np.zeros(values.shape, np.float32), bits_stored
+        return np.zeros(values.shape, np.float32), bits_stored, colourfulness, DicomSource(header, low, high)
     image = (values - low) / (high - low)
-    return image.astype(np.float32), bits_stored
+    return image.astype(np.float32), bits_stored, colourfulness, DicomSource(header, low, high)
+
+
+def _colourfulness(rgb01: np.ndarray) -> float:
+    """Mean absolute difference between the channels of an H x W x 3 image in [0, 1]."""
+    c = rgb01.astype(np.float32)
+    diffs = np.abs(c[..., 0] - c[..., 1]) + np.abs(c[..., 1] - c[..., 2]) + np.abs(c[..., 0] - c[..., 2])
+    return float(diffs.mean() / 3)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -5,9 +5,11 @@
 - ``"classical"``: training-free image processing (:mod:`gl_lcm.segmentation.classical`);
 - ``"unet"``: a segmentation net (any ``nn.Module`` mapping B x 1 x H x W in [-1, 1] to
   logits, e.g. :class:`gl_lcm.models.segnet.LungSegNet`), as in the published pipeline;
-- ``"folder"``: precomputed masks ``<mask_dir>/<stem>.png`` (e.g. a dataset's ``Mask/``).
+- ``"folder"``: precomputed masks ``<mask_dir>/<stem>.png`` (e.g. a dataset's ``Mask/``);
+- ``"pretrained"``: the ``lungs-segmentation`` package's published ResNet34 U-Net
+  (:mod:`gl_lcm.models.published_lungseg`), run as published (512 px, sigmoid > 0.2).
 
-All three return a bool H x W mask after the same post-processing and raise
+All four return a bool H x W mask after the same post-processing and raise
 :class:`~gl_lcm.segmentation.postprocess.NoLungFoundError` when no plausible lung is found.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from gl_lcm.segmentation.classical import segment_lungs_classical
 from gl_lcm.segmentation.postprocess import postprocess_mask
 
 PathLike = Union[str, os.PathLike]
-SEGMENTATION_METHODS: Tuple[str, ...] = ("classical", "unet", "folder")
+SEGMENTATION_METHODS: Tuple[str, ...] = ("classical", "unet", "folder", "pretrained")
 MASK_EXTENSIONS: Tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
@@ -86,6 +88,48 @@ def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int
     return postprocess_mask(prob, threshold=0.5, min_area=min_area, name=name)
 
 
+@torch.no_grad()
+def predict_published_lung_probability(model: nn.Module, image01: np.ndarray,
+                                       device: Union[str, torch.device] = "cpu") -> np.ndarray:
+    """Lung probability of the published ``lungs-segmentation`` model, preprocessed as published.
+
+    Args:
+        model: :class:`~gl_lcm.models.published_lungseg.PublishedLungsUNet` (B x 3 x 512 x 512 in [0, 1]
+            -> B x 2 x 512 x 512 logits, one channel per lung), already on ``device``.
+        image01: H x W float image in [0, 1], bone bright (as the package's PNG input).
+
+    Returns:
+        H x W float32 in [0, 1]: the larger of the two lungs' sigmoids, resized back bilinearly.
+    """
+    from gl_lcm.models.published_lungseg import INPUT_SIZE
+
+    image = _check_image(image01).astype(np.float64)
+    height, width = image.shape
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        raise ValueError("cannot segment a constant image")
+    image = (image - low) / (high - low)  # min-max as the package does
+    small = cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(small).float()[None, None].expand(1, 3, INPUT_SIZE, INPUT_SIZE).contiguous().to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x)
+    finally:
+        model.train(was_training)
+    prob = torch.sigmoid(logits.float())[0].amax(dim=0).cpu().numpy()
+    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+def segment_lungs_pretrained(model: nn.Module, image01: np.ndarray, device: Union[str, torch.device] = "cpu", *,
+                             name: Optional[str] = None, min_area: Optional[int] = None) -> np.ndarray:
+    """Lung mask from the published model: probability > 0.2 (the published threshold), post-processed."""
+    from gl_lcm.models.published_lungseg import THRESHOLD
+
+    prob = predict_published_lung_probability(model, image01, device)
+    return postprocess_mask(prob, threshold=THRESHOLD, min_area=min_area, name=name)
+
+
 def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Read the precomputed lung mask ``<folder>/<stem>.<ext>`` (nonzero = lung) as bool.
 
@@ -124,8 +168,9 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
 
     Args:
         image01: H x W float image in [0, 1] (bone bright).
-        method: "classical", "unet" (needs ``model``; ``image_size``/``device`` apply) or
-            "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file).
+        method: "classical", "unet" (needs ``model``; ``image_size``/``device`` apply),
+            "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file) or
+            "pretrained" (needs the published ``model``; ``device`` applies).
         name: image name (file name or stem) for the folder lookup and error messages.
         min_area: small-component override of the post-processing.
 
@@ -140,6 +185,11 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
         if model is None:
             raise ValueError("segmentation method 'unet' needs a model")
         return segment_lungs_learned(model, image, image_size, device, name=name, min_area=min_area)
+    if method == "pretrained":
+        if model is None:
+            raise ValueError("segmentation method 'pretrained' needs the published model "
+                             "(gl_lcm.models.published_lungseg.load_published_lungseg)")
+        return segment_lungs_pretrained(model, image, device, name=name, min_area=min_area)
     if method == "folder":
         if mask_dir is None or name is None:
             raise ValueError("segmentation method 'folder' needs mask_dir and name (the image stem)")

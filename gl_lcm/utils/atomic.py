@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -24,7 +26,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{_owner()}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
@@ -34,6 +36,45 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _owner() -> str:
+    """``<host>-<pid>`` of this process, written into temporary names so a later run can tell
+    a temporary file left by a killed process from one that a live process is still writing."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def remove_stale_temporaries(folder: PathLike) -> int:
+    """Delete temporary files under ``folder`` left by killed processes of this host; returns how many.
+
+    Only names made by :func:`atomic_path` on this host whose process is gone are removed, so
+    runs sharing the folder (other processes, other hosts) are never disturbed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    host = socket.gethostname().replace(".", "_")
+    removed = 0
+    for tmp in folder.rglob(".*.tmp*"):
+        match = re.match(rf"^\..*\.{re.escape(host)}-(\d+)\.[^.]*\.tmp", tmp.name)
+        if match is None or not tmp.is_file() or _process_alive(int(match.group(1))):
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _umask() -> int:
