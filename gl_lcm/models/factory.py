@@ -51,7 +51,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _load(path: str | Path, kind: str, device: Any) -> tuple[dict, Config]:
-    from gl_lcm.train.checkpoint import load_checkpoint
+    from gl_lcm.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu", expect_kind=kind)
     return ckpt, config_from_checkpoint(ckpt["config"])
@@ -75,7 +75,7 @@ def load_vqgan(path: str | Path, device: Any = "cpu") -> nn.Module:
 
 def load_denoiser(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, Config]:
     """The sampling UNet of a teacher ('ldm', EMA weights) or student ('distill') checkpoint, with its config."""
-    from gl_lcm.train.checkpoint import load_checkpoint
+    from gl_lcm.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt["kind"] not in ("ldm", "distill"):

@@ -21,7 +21,7 @@ from gl_lcm.data.datasets import masked, pairs_for_split
 from gl_lcm.data.pairs import PairedDataset
 from gl_lcm.diffusion.schedule import add_noise, alphas_cumprod_from_betas, make_betas, offset_noise, velocity
 from gl_lcm.models.factory import build_unet, load_vqgan, update_ema
-from gl_lcm.train.checkpoint import load_checkpoint, save_checkpoint
+from gl_lcm.utils.checkpoint import load_checkpoint, save_checkpoint
 from gl_lcm.train.loop import Trainer, TrainTask
 from gl_lcm.utils.dist import barrier
 from gl_lcm.utils.plotting import save_grid
