@@ -15,6 +15,8 @@ runtime = [
     "pyyaml>=6.0",
     "pydicom>=2.4",
     "matplotlib>=3.7",
+    "monai>=1.4",
+    "safetensors>=0.4",
 ]
 
 setup(

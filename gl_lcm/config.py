@@ -52,14 +52,19 @@ class DataConfig:
 
 @dataclass
 class VQGANConfig:
+    arch: str = opt("ours", "autoencoder: ours (VQGAN with GroupNorm/SiLU, attention, latent scale) or monai_vqvae "
+                            "(the published model: MONAI VQVAE, ReLU, no normalisation, latent scale 1)",
+                    choices=["ours", "monai_vqvae"])
     channels: list = opt([128, 256, 512], "encoder channels per level; one 2x downsampling per entry (3 -> 1024 px to 128 latent)")
     num_res_blocks: int = opt(2, "residual blocks per level", min=1)
+    res_channels: int = opt(512, "monai_vqvae only: width inside its residual units (published 512)", min=1)
     embed_dim: int = opt(4, "latent (codebook embedding) channels", min=1)
     codebook_size: int = opt(1024, "number of codebook vectors", min=2)
     attn_at_bottom: bool = opt(True, "self-attention at the lowest resolution")
     beta: float = opt(0.25, "commitment weight of the vector quantiser", min=0.0)
     use_ema: bool = opt(True, "update the codebook by exponential moving averages instead of gradients")
-    ema_decay: float = opt(0.99, "decay of the EMA codebook statistics", min=0.0, max=1.0)
+    ema_decay: float = opt(0.99, "decay of the EMA codebook statistics (the published MONAI VQVAE uses 0.5)",
+                           min=0.0, max=1.0)
     dead_code_steps: int = opt(200, "restart a code unused for this many training steps (0 = never)", min=0)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     # loss weights (published: MSE (weight 1) + quantisation + 1 MS-SSIM + 0.001 perceptual + 0.01 adversarial)
@@ -82,6 +87,7 @@ class UNetConfig:
     attention_resolutions: list = opt([16, 8, 4], "feature-map sizes (for a latent of latent_size) with self-attention")
     latent_size: int = opt(128, "latent side length the attention_resolutions refer to", min=1)
     num_heads: int = opt(8, "attention heads", min=1)
+    num_head_channels: int = opt(0, "if > 0, heads = width / this at every attention block (overrides num_heads)", min=0)
     dropout: float = opt(0.0, "dropout in residual blocks", min=0.0, max=1.0)
     use_scale_shift_norm: bool = opt(True, "ADM scale-shift timestep conditioning")
     resblock_updown: bool = opt(True, "down/upsample inside residual blocks (ADM)")
@@ -129,6 +135,9 @@ class DistillConfig:
 class SegmentationConfig:
     method: str = opt("classical", "lung segmentation method", choices=["classical", "unet", "folder"])
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
+    mask_threshold: float = opt(0.0, "method 'folder': a mask pixel is lung when its value as a fraction of full scale "
+                                     "is >= this; 0 = any nonzero pixel (also 0/1 masks); published 1.0 (255 of 255)",
+                                min=0.0, max=1.0)
     image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
     base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
     depth: int = opt(4, "segmentation U-Net downsamplings", min=1)
@@ -139,10 +148,26 @@ class SegmentationConfig:
 @dataclass
 class FusionConfig:
     mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
-    backend: str = opt("float", "Poisson solver: float (sparse solve, keeps 16-bit precision) or opencv (seamlessClone)", choices=["float", "opencv"])
+    backend: str = opt("float", "Poisson solver: float (sparse solve, keeps 16-bit precision), opencv (seamlessClone) "
+                                "or published (seamlessClone exactly as the published code: truncated 8-bit inputs, "
+                                "components < 100 px dropped, centre of the mask's bounding box)",
+                       choices=["float", "opencv", "published"])
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
     erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
                            "dark decoder rim (about one latent cell) out", min=0)
+
+
+@dataclass
+class ReferenceConfig:
+    leg_std: str = opt("ours", "LEG noise scale: ours = std over the predicted latent channels; published = std over "
+                               "the published 8-channel UNet output (latent + as many all-zero channels)",
+                       choices=["ours", "published"])
+    requantize: bool = opt(True, "snap sampled latents to the codebook before decoding (ours); the published code "
+                                 "decodes them as sampled (false)")
+    mean_shift: str = opt("ours", "local-result mean shift: ours = whole image, clipped to [0,1]; published = inside "
+                                  "the lung mask only, unclipped", choices=["ours", "published"])
+    conversions: str = opt("ours", "pixel conversions: published = 8-bit input, exposure test on the truncated 8-bit "
+                                   "CXR, decoded images not clamped before the shift", choices=["ours", "published"])
 
 
 @dataclass
@@ -207,6 +232,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
@@ -223,6 +249,7 @@ SECTION_HELP = {
     "distill": "latent consistency distillation of the teacher into a few-step student",
     "segmentation": "lung segmentation",
     "fusion": "global-local fusion in pixel space",
+    "reference": "published-code behaviours, for exact runs of the released models (defaults are ours)",
     "metrics": "BSR / MSE / PSNR / LPIPS evaluation",
     "train": "training loop shared by every model",
     "checkpoints": "trained weights used by later stages",
@@ -357,12 +384,21 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + command-line overrides"
-    return from_dict(Config, data, source)
+    return check_config(from_dict(Config, data, source), source)
+
+
+def check_config(cfg: Config, source: str = "") -> Config:
+    """Checks that involve more than one key; returns ``cfg`` or raises ConfigError."""
+    where = f" in {source}" if source else ""
+    if cfg.vqgan.arch == "monai_vqvae" and not cfg.vqgan.use_ema:
+        raise ConfigError(f"'vqgan.use_ema'{where} must be true for vqgan.arch=monai_vqvae (MONAI's VQVAE has only an "
+                          f"EMA codebook)")
+    return cfg
 
 
 def config_from_checkpoint(data: dict) -> Config:
     """Rebuild a Config from the plain dict stored in a checkpoint."""
-    return from_dict(Config, data, "checkpoint")
+    return check_config(from_dict(Config, data, "checkpoint"), "checkpoint")
 
 
 # --------------------------------------------------------------------------- YAML output
