@@ -89,3 +89,10 @@ def test_bench_metrics_smoke():
     assert len(rows) == 5, rows
     assert rows[-1].startswith("| building the LPIPS network (once)")
     assert "LPIPS weights:" in out and "Machine:" in out
+
+
+def test_bench_import_smoke():
+    out = run_script("bench_import.py", "--small")
+    rows = table_rows(out, "| Models | UNet params | VQ-VAE params |")
+    assert len(rows) == 1 and rows[0].startswith("| SMOKE RUN")
+    assert "Machine:" in out
