@@ -346,7 +346,7 @@ def convert_unet(sd: dict[str, torch.Tensor], arch: dict, latent_channels: int) 
 
     Returns (state dict, report) where report says how many output channels were dropped and
     the largest absolute weight among them (0 for the published models)."""
-    out = {published_unet_key(k): v.clone() for k, v in sd.items()}
+    out = {published_unet_key(k): v for k, v in sd.items()}  # the loaded tensors are ours: no copies
     w, b = out["out.2.weight"], out["out.2.bias"]
     dropped = w[latent_channels:]
     report = {"dropped_output_channels": int(w.shape[0] - latent_channels),
@@ -508,7 +508,7 @@ def import_vqvae(path: str | Path) -> tuple[dict, dict, list[str]]:
                      "commitment 0.25)")
     if arch["in_channels"] != 1:
         raise ValueError(f"{path}: the VQ-VAE takes {arch['in_channels']} image channels; gl-lcm works on 1")
-    sd = {k: v.clone().contiguous() for k, v in sd.items()}
+    sd = {k: v.contiguous() for k, v in sd.items()}
     overrides = {"vqgan": {"arch": "monai_vqvae", "channels": arch["channels"], "res_channels": arch["res_channels"],
                            "num_res_blocks": arch["num_res_layers"], "embed_dim": arch["embed_dim"],
                            "codebook_size": arch["codebook_size"], "beta": extra["beta"],
@@ -585,14 +585,13 @@ def import_reference(unet: Optional[str | Path], vqgan: Optional[str | Path], ou
 
 
 def _save_safetensors(sd: dict, path: Path, meta: dict) -> None:
-    from safetensors.torch import save as st_save
+    from safetensors.torch import save_file
 
     from gl_lcm.utils.atomic import atomic_path
 
-    blob = st_save({k: v.contiguous() for k, v in sd.items()},
-                   metadata={k: json.dumps(v) for k, v in meta.items()})
     with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(blob)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def _verify(path: Path, kind: str, sd: dict) -> None:

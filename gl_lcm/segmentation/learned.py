@@ -137,6 +137,7 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
         method: "classical", "unet" (needs ``model``; ``image_size``/``device`` apply) or
             "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file).
         name: image name (file name or stem) for the folder lookup and error messages.
+        mask_threshold: folder masks: lung where the value is >= this fraction of full scale (0 = nonzero).
         min_area: small-component override of the post-processing.
 
     Returns:
