@@ -3,7 +3,8 @@
 
 Runs GL-LCM on the test split of a data set (the demo's phantoms by default) once with our
 defaults and once per published behaviour (reference.* switches, the published fusion, no
-erosion), every run with the same per-image random numbers, and prints BSR / MSE / PSNR of the
+erosion), every run with the same per-image random numbers (the training-time switch
+diffusion.train_cond_scaling needs a retrained teacher and is not covered here), and prints BSR / MSE / PSNR of the
 fused result against the ground truth as a Markdown table.
 
     python benchmarks/compare_published_choices.py --demo results/demo            # demo models

@@ -103,6 +103,9 @@ class DiffusionConfig:
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=["epsilon", "v_prediction"])
     offset_noise: float = opt(0.1, "offset-noise strength in training (0 = plain Gaussian noise)", min=0.0)
     cond_dropout: float = opt(0.0, "probability of zeroing the condition in training (for classifier-free guidance)", min=0.0, max=1.0)
+    train_cond_scaling: str = opt("none", "condition latent in teacher training: none (ours, as in sampling) or "
+                                          "published (scaled by sqrt(alpha_bar_t), as lcm_train.py's add_noise "
+                                          "with zero noise; sampling stays unscaled)", choices=["none", "published"])
     paths: list = opt(["global", "local"], "training pairs: global (CXR->BS) and/or local (masked CXR->masked BS)")
 
 

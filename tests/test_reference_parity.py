@@ -182,3 +182,41 @@ def test_reference_evaluate_equals_published_loop(reference_run, monkeypatch):
 def test_parity_check_detects_known_mistakes(reference_run, monkeypatch, bug):
     """The comparison above is sharp enough: each planted mistake moves some output by > 1 level."""
     assert max(_max_diff(reference_run, monkeypatch, bug=bug, stems=STEMS[:1])) > 1
+
+
+# ------------------------------------------------------------------------------ training condition
+def test_published_condition_scaling_matches_lcm_train():
+    """lcm_train.py: add_noise(cat(bs, cxr), cat(noise, zeros), t) -> the condition is sqrt(alpha_bar_t) * cxr."""
+    from diffusers import LCMScheduler
+
+    from gl_lcm.diffusion.schedule import add_noise, alphas_cumprod_from_betas, make_betas, training_condition
+
+    g = torch.Generator().manual_seed(0)
+    x0, cond, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0, 500, 999])
+    published = LCMScheduler(num_train_timesteps=1000).add_noise(torch.cat([x0, cond], 1),
+                                                                 torch.cat([noise, torch.zeros_like(noise)], 1), t)
+    ac = alphas_cumprod_from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012))
+    torch.testing.assert_close(training_condition(cond, t, ac, "published"), published[:, 4:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(add_noise(x0, noise, t, ac), published[:, :4], atol=1e-6, rtol=1e-6)
+    assert training_condition(cond, t, ac, "none") is cond
+
+
+def test_condition_scaling_switch_reaches_the_teacher(tmp_path, monkeypatch):
+    import gl_lcm.train.ldm as ldm
+    from gl_lcm.data.phantom import write_phantom_dataset
+    from tiny_models import tiny_config, write_tiny_checkpoints
+
+    write_phantom_dataset(tmp_path / "data", n=6, size=32, seed=0, progress=False)
+    paths = write_tiny_checkpoints(tmp_path / "ckpt", tiny_config(["data.image_size=32", "vqgan.channels=[4,4]"]))
+    seen = []
+    real = ldm.training_condition
+    monkeypatch.setattr(ldm, "training_condition", lambda c, t, ac, mode: seen.append(mode) or real(c, t, ac, mode))
+    cfg = load_config(REPO / "configs" / "ldm_tiny.yaml", [
+        f"data.root={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'run'}", f"checkpoints.vqgan={paths['vqgan']}",
+        "data.image_size=32", "unet.model_channels=8", "unet.channel_mult=[1,2]", "unet.num_res_blocks=1",
+        "unet.attention_resolutions=[]", "unet.latent_size=8", "unet.num_heads=1", "train.batch_size=2",
+        "train.max_steps=1", "train.val_every=100", "train.ckpt_every=1", "train.latent_cache=false", "device=cpu",
+        "diffusion.train_cond_scaling=published"])
+    ldm.train_ldm(cfg, resume="none", progress=False)
+    assert seen and set(seen) == {"published"}
