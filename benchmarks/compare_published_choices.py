@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gl_lcm.config import config_from_checkpoint, from_dict, Config, to_dict, apply_overrides
+    from gl_lcm.config import Config, apply_overrides, from_dict, to_dict
     from gl_lcm.data.datasets import pairs_for_split
     from gl_lcm.data.io import read_image
     from gl_lcm.metrics import compute_metrics, summarize

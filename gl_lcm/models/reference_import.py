@@ -31,7 +31,6 @@ output convolution is sliced to the latent channels.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import pickle
 import re
@@ -521,10 +520,10 @@ def import_vqvae(path: str | Path) -> tuple[dict, dict, list[str]]:
 
 
 def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        if k.startswith("_"):
-            continue
-        base.setdefault(k, {}).update(v) if isinstance(v, dict) else base.__setitem__(k, v)
+    """Merge config sections ``over`` ({section: {key: value}}) into the nested dict ``base``."""
+    for section, values in over.items():
+        if not section.startswith("_"):
+            base.setdefault(section, {}).update(values)
     return base
 
 
@@ -537,7 +536,7 @@ def import_reference(unet: Optional[str | Path], vqgan: Optional[str | Path], ou
     Returns {"paths": {...}, "summary": [lines]}; verifies each written checkpoint loads with the
     project's own loaders (``weights_only=True``) and builds the same tensors.
     """
-    from gl_lcm.config import from_dict, load_config, to_dict, Config, check_config
+    from gl_lcm.config import Config, check_config, from_dict, load_config, to_dict
     from gl_lcm.utils.checkpoint import save_checkpoint
 
     if unet is None and vqgan is None:
