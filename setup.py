@@ -20,6 +20,8 @@ runtime = [
     "pylibjpeg-openjpeg>=2.3",
     "pylibjpeg-rle>=2.0",
     "matplotlib>=3.7",
+    "monai>=1.4",
+    "safetensors>=0.4",
 ]
 
 setup(

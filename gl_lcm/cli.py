@@ -144,6 +144,15 @@ def cmd_ablate(args):
     ablate(_cfg(args), split=args.split, no_lpips=args.no_lpips)
 
 
+def cmd_import_reference(args):
+    from gl_lcm.models.reference_import import import_reference
+
+    result = import_reference(args.unet, args.vqgan, args.out, num_heads=args.num_heads, base_config=args.config)
+    print("\n".join(result["summary"]))
+    print(f"use them with: checkpoints.vqgan={result['paths'].get('vqgan', '<vqgan.pt>')} "
+          f"checkpoints.teacher={result['paths'].get('unet', '<unet.pt>')} eval.model=teacher")
+
+
 def cmd_demo(args):
     from gl_lcm.demo import run_demo
 
@@ -243,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--split", default=None)
     p.add_argument("--no-lpips", action="store_true")
+
+    p = add("import-reference", cmd_import_reference,
+            "import the published GL-LCM checkpoints (pickled modules, read without running code from them)")
+    p.add_argument("--unet", default=None, help="published UNet .pth (pickled UNetModel or its state dict)")
+    p.add_argument("--vqgan", default=None, help="published VQGAN .pth (pickled MONAI VQVAE or its state dict)")
+    p.add_argument("--out", required=True, help="folder for unet.pt / vqgan.pt and .safetensors copies")
+    p.add_argument("--config", default=None, help="YAML whose other sections go into the stored configs "
+                                                  "(e.g. configs/reference_szch.yaml)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, only for a plain UNet state dict (published: 8)")
 
     p = add("demo", cmd_demo, "whole suite on built-in phantoms: data, VQGAN, teacher, student, evaluation, report")
     p.add_argument("--out", default="results/demo")

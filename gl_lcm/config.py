@@ -52,14 +52,19 @@ class DataConfig:
 
 @dataclass
 class VQGANConfig:
+    arch: str = opt("ours", "autoencoder: ours (VQGAN with GroupNorm/SiLU, attention, latent scale) or monai_vqvae "
+                            "(the published model: MONAI VQVAE, ReLU, no normalisation, latent scale 1)",
+                    choices=["ours", "monai_vqvae"])
     channels: list = opt([128, 256, 512], "encoder channels per level; one 2x downsampling per entry (3 -> 1024 px to 128 latent)")
     num_res_blocks: int = opt(2, "residual blocks per level", min=1)
+    res_channels: int = opt(512, "monai_vqvae only: width inside its residual units (published 512)", min=1)
     embed_dim: int = opt(4, "latent (codebook embedding) channels", min=1)
     codebook_size: int = opt(1024, "number of codebook vectors", min=2)
     attn_at_bottom: bool = opt(True, "self-attention at the lowest resolution")
     beta: float = opt(0.25, "commitment weight of the vector quantiser", min=0.0)
     use_ema: bool = opt(True, "update the codebook by exponential moving averages instead of gradients")
-    ema_decay: float = opt(0.99, "decay of the EMA codebook statistics", min=0.0, max=1.0)
+    ema_decay: float = opt(0.99, "decay of the EMA codebook statistics (the published MONAI VQVAE uses 0.5)",
+                           min=0.0, max=1.0)
     dead_code_steps: int = opt(200, "restart a code unused for this many training steps (0 = never)", min=0)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     # loss weights (published: MSE (weight 1) + quantisation + 1 MS-SSIM + 0.001 perceptual + 0.01 adversarial)
@@ -82,6 +87,7 @@ class UNetConfig:
     attention_resolutions: list = opt([16, 8, 4], "feature-map sizes (for a latent of latent_size) with self-attention")
     latent_size: int = opt(128, "latent side length the attention_resolutions refer to", min=1)
     num_heads: int = opt(8, "attention heads", min=1)
+    num_head_channels: int = opt(0, "if > 0, heads = width / this at every attention block (overrides num_heads)", min=0)
     dropout: float = opt(0.0, "dropout in residual blocks", min=0.0, max=1.0)
     use_scale_shift_norm: bool = opt(True, "ADM scale-shift timestep conditioning")
     resblock_updown: bool = opt(True, "down/upsample inside residual blocks (ADM)")
@@ -97,6 +103,9 @@ class DiffusionConfig:
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=["epsilon", "v_prediction"])
     offset_noise: float = opt(0.1, "offset-noise strength in training (0 = plain Gaussian noise)", min=0.0)
     cond_dropout: float = opt(0.0, "probability of zeroing the condition in training (for classifier-free guidance)", min=0.0, max=1.0)
+    train_cond_scaling: str = opt("none", "condition latent in teacher training: none (ours, as in sampling) or "
+                                          "published (scaled by sqrt(alpha_bar_t), as lcm_train.py's add_noise "
+                                          "with zero noise; sampling stays unscaled)", choices=["none", "published"])
     paths: list = opt(["global", "local"], "training pairs: global (CXR->BS) and/or local (masked CXR->masked BS)")
 
 
@@ -142,6 +151,9 @@ class SegmentationConfig:
                                    "published ResNet34 U-Net, weights in checkpoints.lungs_segmentation)",
                       choices=["classical", "unet", "folder", "pretrained"])
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
+    mask_threshold: float = opt(0.0, "method 'folder': a mask pixel is lung when its value as a fraction of full scale "
+                                     "is >= this; 0 = any nonzero pixel (also 0/1 masks); published 1.0 (255 of 255)",
+                                min=0.0, max=1.0)
     image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
     base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
     depth: int = opt(4, "segmentation U-Net downsamplings", min=1)
@@ -154,11 +166,26 @@ class FusionConfig:
     mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
     backend: str = opt("torch", "Poisson solver: torch (DST-preconditioned CG on the model's device; the float "
                                 "solution to ~3e-5, about 10x faster), float (sparse direct solve on the CPU, keeps "
-                                "16-bit precision) or opencv (seamlessClone, 8-bit, as published)",
-                       choices=["torch", "float", "opencv"])
+                                "16-bit precision), opencv (seamlessClone, 8-bit) or published (seamlessClone exactly "
+                                "as the published code: truncated 8-bit inputs, components < 100 px dropped, centre "
+                                "of the mask's bounding box)",
+                       choices=["torch", "float", "opencv", "published"])
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
     erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
                            "dark decoder rim (about one latent cell) out", min=0)
+
+
+@dataclass
+class ReferenceConfig:
+    leg_std: str = opt("ours", "LEG noise scale: ours = std over the predicted latent channels; published = std over "
+                               "the published 8-channel UNet output (latent + as many all-zero channels)",
+                       choices=["ours", "published"])
+    requantize: bool = opt(True, "snap sampled latents to the codebook before decoding (ours); the published code "
+                                 "decodes them as sampled (false)")
+    mean_shift: str = opt("ours", "local-result mean shift: ours = whole image, clipped to [0,1]; published = inside "
+                                  "the lung mask only, unclipped", choices=["ours", "published"])
+    conversions: str = opt("ours", "pixel conversions: published = 8-bit input, exposure test on the truncated 8-bit "
+                                   "CXR, decoded images not clamped before the shift", choices=["ours", "published"])
 
 
 @dataclass
@@ -235,6 +262,7 @@ class Config:
     onestep: OneStepConfig = field(default_factory=OneStepConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
@@ -252,6 +280,7 @@ SECTION_HELP = {
     "onestep": "fine-tuning a student for 1-4 step sampling through the frozen VQGAN decoder (gl-lcm train-onestep)",
     "segmentation": "lung segmentation",
     "fusion": "global-local fusion in pixel space",
+    "reference": "published-code behaviours, for exact runs of the released models (defaults are ours)",
     "metrics": "BSR / MSE / PSNR / LPIPS evaluation",
     "train": "training loop shared by every model",
     "checkpoints": "trained weights used by later stages",
@@ -416,6 +445,9 @@ def check_consistency(cfg: Config, source: str = "") -> None:
     if cfg.data.image_size % factor:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by 2^{len(cfg.vqgan.channels)}="
                           f"{factor}{where} (one VQGAN downsampling per entry of vqgan.channels)")
+    if cfg.vqgan.arch == "monai_vqvae" and not cfg.vqgan.use_ema:
+        raise ConfigError(f"'vqgan.use_ema'{where} must be true for vqgan.arch=monai_vqvae (MONAI's VQVAE has only an "
+                          f"EMA codebook)")
     seg = cfg.segmentation
     if seg.image_size % 2 ** seg.depth:
         raise ConfigError(f"segmentation.image_size={seg.image_size} is not divisible by 2^segmentation.depth="
@@ -424,7 +456,9 @@ def check_consistency(cfg: Config, source: str = "") -> None:
 
 def config_from_checkpoint(data: dict) -> Config:
     """Rebuild a Config from the plain dict stored in a checkpoint."""
-    return from_dict(Config, data, "checkpoint")
+    cfg = from_dict(Config, data, "checkpoint")
+    check_consistency(cfg, "checkpoint")
+    return cfg
 
 
 # --------------------------------------------------------------------------- YAML output

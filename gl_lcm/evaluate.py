@@ -83,7 +83,7 @@ class Segmenter:
         elif s.method == "pretrained":
             kw = {"model": self.model, "device": self.device}
         elif s.method == "folder":
-            kw = {"mask_dir": s.mask_dir}
+            kw = {"mask_dir": s.mask_dir, "mask_threshold": s.mask_threshold}
         mask = segment_lungs(image01, s.method, name=name, min_area=min_area, **kw)
         if cached is not None:
             write_png(cached, mask.astype(np.float32))

@@ -16,6 +16,8 @@ masks are H x W bool (or 0/1, 0/255) arrays of the lung fields.
   sine-transform (DST) Poisson solve over the mask's bounding box. Ours, not published.
 - ``poisson_fuse_opencv``: the published code path, ``cv2.seamlessClone`` with
   ``MONOCHROME_TRANSFER`` on 8-bit images.
+- ``poisson_fuse_published``: the published call itself (truncated 8-bit inputs, small
+  components dropped, centre of the mask's bounding box), for exact reference runs.
 - ``alpha_fuse``: feathered alpha blending (a cheaper baseline).
 - ``fuse``: one entry point dispatching on a mode name.
 
@@ -42,7 +44,7 @@ import scipy.sparse.linalg as sparse_linalg
 from scipy import ndimage
 
 FUSION_MODES: Tuple[str, ...] = ("poisson", "alpha", "none")
-POISSON_BACKENDS: Tuple[str, ...] = ("scipy", "torch", "opencv")
+POISSON_BACKENDS: Tuple[str, ...] = ("scipy", "torch", "opencv", "published")
 
 # 4-neighbour offsets of the 5-point Laplacian.
 _NEIGHBOUR_OFFSETS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -393,6 +395,50 @@ def poisson_fuse_opencv(global_img: np.ndarray, local_img: np.ndarray, mask: np.
     return (blended[:, :, 0].astype(np.float32) / 255.0).astype(np.float32)
 
 
+def to_uint8_published(image01: np.ndarray) -> np.ndarray:
+    """The published 8-bit conversion: ``clip(x * 255, 0, 255)`` in float32, then *truncated* to uint8.
+
+    H x W float (any range) -> H x W x 3 uint8 (grey replicated, as ``cv2.cvtColor(GRAY2BGR)``).
+    """
+    scaled = np.clip(np.asarray(image01, dtype=np.float32) * np.float32(255.0), 0, 255)
+    return np.ascontiguousarray(np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2))
+
+
+def poisson_fuse_published(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray,
+                           min_area: int = 100) -> np.ndarray:
+    """Fusion exactly as the published evaluation (github.com/diaoquesang/GL-LCM, ``batch_lcm_eval.py``).
+
+    The mask's 8-connected components smaller than ``min_area`` pixels are dropped; both images
+    go through :func:`to_uint8_published`; ``cv2.seamlessClone(local, global, mask, p,
+    MONOCHROME_TRANSFER)`` with ``p`` the centre ``(x + w // 2, y + h // 2)`` of the mask's bounding
+    box; no other erosion, no border-ring clearing.
+
+    Args:
+        global_img, local_img: H x W float arrays, about [0, 1] (unclipped values are clipped
+            by the 8-bit conversion, as published).
+        mask: H x W, nonzero inside the lung fields.
+
+    Returns:
+        H x W float32 in [0, 1], multiples of 1/255 (channel 0 of the fused BGR image). When no
+        component is left, the 8-bit global image.
+    """
+    dst = to_uint8_published(global_img)
+    if np.asarray(mask).shape != dst.shape[:2] or np.asarray(local_img).shape != dst.shape[:2]:
+        raise ValueError(f"mask {np.asarray(mask).shape} / local {np.asarray(local_img).shape} / global "
+                         f"{dst.shape[:2]} shapes differ")
+    mask_u8 = (np.asarray(mask) > 0).astype(np.uint8) * 255
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8)
+    small = np.zeros(n, dtype=bool)
+    small[1:] = stats[1:, cv2.CC_STAT_AREA] < min_area
+    mask_u8[small[labels]] = 0
+    if not mask_u8.any():
+        return dst[:, :, 0].astype(np.float32) / 255.0
+    x, y, w, h = cv2.boundingRect(mask_u8)
+    fused = cv2.seamlessClone(to_uint8_published(local_img), dst, mask_u8, (x + w // 2, y + h // 2),
+                              cv2.MONOCHROME_TRANSFER)
+    return fused[:, :, 0].astype(np.float32) / 255.0
+
+
 def alpha_fuse(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, feather_px: float = 8.0) -> np.ndarray:
     """Feathered alpha blending: ``alpha * local + (1 - alpha) * global``.
 
@@ -442,6 +488,8 @@ def fuse(mode: str, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndar
             if kwargs:
                 raise TypeError(f"poisson backend 'opencv' takes no options, got {sorted(kwargs)}")
             return poisson_fuse_opencv(global_img, local_img, mask)
+        if backend == "published":
+            return poisson_fuse_published(global_img, local_img, mask, **kwargs)
         raise ValueError(f"unknown poisson backend {backend!r}; valid: {', '.join(POISSON_BACKENDS)}")
     if mode == "alpha":
         return alpha_fuse(global_img, local_img, mask, **kwargs)

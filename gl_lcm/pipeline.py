@@ -109,11 +109,38 @@ def sample_latents(model, cond: torch.Tensor, cfg: Config, num_steps: int, gener
     raise ValueError(f"unknown sampler {sampler!r}; valid: lcm, ddim, ddpm")
 
 
+@dataclass
+class SamplingNoise:
+    """Given random numbers for :func:`dual_path_sample`, to replay a stream (e.g. the published code's).
+
+    initial: B x C x h x w, the noise both paths start from.
+    step_global, step_local: S' x B x C x h x w, the noise the scheduler re-injects after step j
+        (entry j); the last step adds none, so S' = S - 1 entries suffice (S' = S is accepted).
+    leg: S x B x C x h x w standard normal for LEG at step j (needed for guidance 'leg' only).
+    """
+
+    initial: torch.Tensor
+    step_global: torch.Tensor
+    step_local: torch.Tensor
+    leg: Optional[torch.Tensor] = None
+
+    def check(self, shape: Sequence[int], num_steps: int, needs_leg: bool) -> None:
+        if tuple(self.initial.shape) != tuple(shape):
+            raise ValueError(f"injected initial noise has shape {tuple(self.initial.shape)}, expected {tuple(shape)}")
+        for name in ("step_global", "step_local") + (("leg",) if needs_leg else ()):
+            t = getattr(self, name)
+            need = num_steps if name == "leg" else num_steps - 1
+            if t is None or t.shape[0] < need or tuple(t.shape[1:]) != tuple(shape):
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(f"injected {name} noise has shape {got}, expected ({need}, {', '.join(map(str, shape))})")
+
+
 @torch.no_grad()
 def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor, cfg: Config, num_steps: int,
                      gens: Sequence[torch.Generator], guidance_mode: Optional[str] = None,
                      guidance_alpha: Optional[float] = None, batched: bool = True,
-                     rebuild_scheduler: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     rebuild_scheduler: bool = False, progress: bool = False,
+                     noise: Optional[SamplingNoise] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GL-LCM dual-path LCM sampling. Returns (z_global, z_local), each B x C x h x w.
 
     cond_*: B x C x h x w scaled latents of the CXR and of the lung-masked CXR.
@@ -124,14 +151,22 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
     published implementation's way; same result for the same noise).
     rebuild_scheduler: construct a fresh scheduler every step to change its clip range, as the
     published code did (for benchmarks only; the result is the same).
+    noise: given random numbers instead of the generators' (see :class:`SamplingNoise`).
+    With ``reference.leg_std=published`` LEG's std counts as many extra zero channels as the
+    condition has (the published UNet's untrained outputs).
     """
     mode = guidance_mode or cfg.guidance.mode
     alpha = cfg.guidance.alpha if guidance_alpha is None else guidance_alpha
     b, device, dtype = cond_global.shape[0], cond_global.device, cond_global.dtype
     latent_shape = cond_global.shape[1:]
-    noise = lambda generators: randn_per_image(generators, latent_shape, device, dtype)
-    x_T = noise(gens)
-    leg_gens = [make_generator(derive_seed(g.initial_seed(), "leg")) for g in gens]
+    if noise is not None:
+        noise.check(cond_global.shape, num_steps, mode == "leg")
+        x_T = noise.initial.to(device=device, dtype=dtype)
+    else:
+        draw = lambda generators: randn_per_image(generators, latent_shape, device, dtype)
+        x_T = draw(gens)
+        leg_gens = [make_generator(derive_seed(g.initial_seed(), "leg")) for g in gens]
+    zero_channels = cond_global.shape[1] if cfg.reference.leg_std == "published" else 0
     x = torch.cat([x_T, x_T])  # both paths start from the same noise
     cond = torch.cat([cond_global, cond_local])
     clip_at = lcm_clip_at(cfg, [cfg.lcm.global_omega] * b + [cfg.lcm.local_omega] * b)
@@ -148,9 +183,14 @@ def dual_path_sample(model, cond_global: torch.Tensor, cond_local: torch.Tensor,
         else:
             out = torch.cat([model(x[:b], t_batch[:b], cond[:b]), model(x[b:], t_batch[b:], cond[b:])])
         eps_global, eps_local = out[:b], out[b:]
-        leg_noise = noise(leg_gens) if mode == "leg" else None
-        eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)
-        step_noise = torch.cat([noise(gens), noise(gens)])  # global path's, then local path's
+        if noise is not None:
+            leg_noise = noise.leg[j].to(device, dtype) if mode == "leg" else None
+            last = j == len(timesteps) - 1
+            step_noise = None if last else torch.cat([noise.step_global[j], noise.step_local[j]]).to(device, dtype)
+        else:
+            leg_noise = draw(leg_gens) if mode == "leg" else None
+            step_noise = torch.cat([draw(gens), draw(gens)])  # global path's, then local path's
+        eps_local = apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise, zero_channels=zero_channels)
         clip = clip_at(t) if clip_at is not None else None
         if rebuild_scheduler:
             fresh = make_scheduler(cfg)
@@ -184,9 +224,10 @@ def fuse_with_config(cfg: Config, mode: str, global_img, local_img, mask, device
     scale = global_img.shape[0] / 1024
     mask = fusion_mask(mask, cfg.fusion.erode_px)
     if mode == "poisson":
-        if cfg.fusion.backend == "torch":
+        backend = {"torch": "torch", "float": "scipy", "opencv": "opencv", "published": "published"}[cfg.fusion.backend]
+        if backend == "torch":
             return fuse(mode, global_img, local_img, mask, backend="torch", device=device)
-        return fuse(mode, global_img, local_img, mask, backend="scipy" if cfg.fusion.backend == "float" else "opencv")
+        return fuse(mode, global_img, local_img, mask, backend=backend)
     if mode == "alpha":
         return fuse(mode, global_img, local_img, mask, feather_px=cfg.fusion.feather_px * scale)
     return fuse(mode, global_img, local_img, mask)
@@ -214,14 +255,35 @@ def _resize(img: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarray:
     return cv2.resize(img.astype(np.float32), (size, size), interpolation=interp)
 
 
-def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray):
-    """Published post-processing: shift the local result so its mean inside the lung mask equals
-    the global result's mean there, and set both to 0 where the CXR is 0 (outside the exposure;
-    done last so the shift cannot lift those pixels again)."""
-    outside = cxr <= 0
+def published_outside(x_norm: np.ndarray) -> np.ndarray:
+    """Where the published evaluation zeroes its outputs: ``cxr_copy == 0`` with
+    ``cxr_copy = ((x * 0.5 + 0.5) * 255).astype(np.int8)``, x the normalised CXR in [-1, 1]
+    (float32). The cast truncates, so this is the CXR's 8-bit level 0 (|value| < 1)."""
+    v = (np.asarray(x_norm, dtype=np.float32) * np.float32(0.5) + np.float32(0.5)) * np.float32(255)
+    return np.trunc(v) == 0
+
+
+def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray,
+                      mean_shift: str = "ours", outside: Optional[np.ndarray] = None):
+    """Shift the local result's mean inside the lung mask onto the global result's, and set both
+    to 0 outside the exposure (``outside``, default ``cxr <= 0``).
+
+    mean_shift 'ours': the shift moves the whole local image and is clipped to [0, 1]; zeroing
+    is done last so the shift cannot lift those pixels again.
+    mean_shift 'published' (``batch_lcm_eval.py``): the global result is zeroed first, the shift
+    ``l[m] + mean(g[m]) - mean(l[m])`` (float32, in that order) moves only the mask's pixels and is
+    not clipped; then the local result is zeroed.
+    """
+    outside = cxr <= 0 if outside is None else outside
     m = mask.astype(bool)
     g = global_img.astype(np.float32)
     l = local_img.astype(np.float32)
+    if mean_shift == "published":
+        g = np.where(outside, np.float32(0), g)
+        if m.any():
+            l = l.copy()
+            l[m] = l[m] + np.mean(g[m]) - np.mean(l[m])
+        return g, np.where(outside, np.float32(0), l)
     if m.any():
         l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)
     return np.where(outside, 0.0, g).astype(np.float32), np.where(outside, 0.0, l).astype(np.float32)
@@ -230,10 +292,14 @@ def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.nda
 class GLLCMPipeline:
     """The method of the paper over trained parts: a VQGAN, a denoiser (teacher or student) and a config."""
 
-    def __init__(self, vqgan, unet, cfg: Config, device: torch.device):
+    def __init__(self, vqgan, unet, cfg: Config, device: torch.device,
+                 noise_source: Optional[Callable[[Sequence[str], tuple, int], SamplingNoise]] = None):
+        """``noise_source(names, latent_shape, num_steps) -> SamplingNoise`` replaces the per-image
+        generators (to replay a given random stream); None keeps them."""
         from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
 
         self.vqgan, self.unet, self.cfg, self.device = vqgan, unet, cfg, device
+        self.noise_source = noise_source
         e = cfg.eval
         # how the networks run (eval.precision / vqgan_precision / compile / channels_last); fp32 = the modules
         self.denoiser = prepare_denoiser(unet, device, e.precision, e.compile, e.channels_last)
@@ -277,24 +343,42 @@ class GLLCMPipeline:
             return now
 
         t0 = time.perf_counter()
-        cxr_s = [_resize(c, size) for c in cxrs]
+        ref = cfg.reference
+        published_px = ref.conversions == "published"
         mask_s = [_resize(m.astype(np.float32), size, cv2.INTER_NEAREST) > 0.5 for m in masks]
-        x = torch.from_numpy(np.stack(cxr_s))[:, None].to(dev) * 2 - 1
+        if published_px:
+            # published: 8-bit images, cv2.resize (bilinear) on uint8, ToTensor + Normalize(0.5, 0.5)
+            c8 = [np.clip(np.rint(np.asarray(c, np.float64) * 255), 0, 255).astype(np.uint8) for c in cxrs]
+            c8 = [c if c.shape == (size, size) else cv2.resize(c, (size, size)) for c in c8]
+            x_norm = [(c.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5) for c in c8]
+            cxr_s = [c.astype(np.float32) / 255 for c in c8]
+            outside = [published_outside(xn) for xn in x_norm]
+            x = torch.from_numpy(np.stack(x_norm))[:, None].to(dev)
+        else:
+            cxr_s = [_resize(c, size) for c in cxrs]
+            outside = [c <= 0 for c in cxr_s]
+            x = torch.from_numpy(np.stack(cxr_s))[:, None].to(dev) * 2 - 1
         m = torch.from_numpy(np.stack(mask_s).astype(np.float32))[:, None].to(dev)
         both = self.codec.encode(torch.cat([x, masked(x, m)]))
         b = len(names)
         t0 = tick("encode", t0)
         gens = image_generators(cfg.seed, names)
+        noise = self.noise_source(names, tuple(both.shape[1:]), steps) if self.noise_source is not None else None
         z_g, z_l = dual_path_sample(self.denoiser, both[:b], both[b:], cfg, steps, gens, guidance_mode=guidance_mode,
-                                    batched=batched)
+                                    batched=batched, noise=noise)
         t0 = tick("sampling", t0)
-        decoded = _to01(self.codec.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
+        images = self.codec.decode(torch.cat([z_g, z_l]), requantize=ref.requantize)
+        # published: x * 0.5 + 0.5 without clamping (the mean shift sees the raw values)
+        decoded = (images[:, 0].float().cpu().numpy() * np.float32(0.5) + np.float32(0.5)) if published_px \
+            else _to01(images.clamp(-1, 1))
         t0 = tick("decode", t0)
         results = []
         mode = fusion_mode or cfg.fusion.mode
         for i, name in enumerate(names):
-            g, l = postprocess_paths(cxr_s[i], decoded[i], decoded[b + i], mask_s[i])
+            g, l = postprocess_paths(cxr_s[i], decoded[i], decoded[b + i], mask_s[i], mean_shift=ref.mean_shift,
+                                     outside=outside[i])
             fused = fuse_with_config(cfg, mode, g, l, mask_s[i], device=dev)
+            g, l = np.clip(g, 0, 1), np.clip(l, 0, 1)
             results.append(GLLCMResult(name, g, l, np.clip(fused, 0, 1).astype(np.float32), mask_s[i]))
         tick("fusion", t0)
         per_image = {k: v / b for k, v in times.items()}

@@ -68,7 +68,7 @@ MUTANTS = [
            "    if True:\n        if not cv2.imwrite(str(path), quantised):",
            ("tests/test_io.py", "tests/test_atomic.py")),
     Mutant("load_checkpoint unpickles arbitrary objects (weights_only=False)",
-           "gl_lcm/train/checkpoint.py",
+           "gl_lcm/utils/checkpoint.py",
            "map_location=map_location, weights_only=True)",
            "map_location=map_location, weights_only=False)",
            ("tests/test_training.py",)),

@@ -139,3 +139,20 @@ def test_bench_chest_check_smoke(tmp_path):
     rows = table_rows(out, "| group | films | accepted | refused |")
     assert len(rows) == 1 and rows[0].startswith("| chest: phantoms 128/256/512 px | 3 | 3 | 0 |")
     assert "Machine:" in out
+
+
+def test_bench_import_smoke():
+    out = run_script("bench_import.py", "--small")
+    rows = table_rows(out, "| Models | UNet params | VQ-VAE params |")
+    assert len(rows) == 1 and rows[0].startswith("| SMOKE RUN")
+    assert "Machine:" in out
+
+
+def test_compare_published_choices_smoke(tmp_path):
+    write_phantom_dataset(tmp_path / "data", n=10, size=64, seed=0, progress=False)
+    paths = write_tiny_checkpoints(tmp_path / "ckpt", tiny_config(["data.image_size=64"]))
+    out = run_script("compare_published_choices.py", "--vqgan", str(paths["vqgan"]), "--denoiser",
+                     str(paths["teacher"]), "--data-root", str(tmp_path / "data"), "--steps", "2", "--threads", "1")
+    rows = table_rows(out, "| Choice (")
+    assert [r.split("|")[1].strip() for r in rows][0] == "ours (defaults)" and len(rows) == 8
+    assert rows[0].rstrip(" |").endswith("+0.00")

@@ -14,7 +14,7 @@ import torch
 
 from gl_lcm.config import load_config
 from gl_lcm.data.phantom import write_phantom_dataset
-from gl_lcm.train.checkpoint import load_checkpoint
+from gl_lcm.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=32", "vqgan.channels=[8,16]", "vqgan.num_res_blocks=1", "vqgan.codebook_size=32",

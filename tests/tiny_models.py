@@ -11,7 +11,7 @@ import torch
 
 from gl_lcm.config import Config, load_config, to_dict
 from gl_lcm.models.factory import build_unet, build_vqgan
-from gl_lcm.train.checkpoint import save_checkpoint
+from gl_lcm.utils.checkpoint import save_checkpoint
 
 TINY_VQGAN = ["vqgan.channels=[4,4,4]", "vqgan.num_res_blocks=1", "vqgan.codebook_size=16",
               "vqgan.attn_at_bottom=false"]

@@ -5,6 +5,7 @@ alpha = 3 for LEG).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 VALID_GUIDANCE_MODES = ("vanilla", "cfg", "leg")
@@ -25,12 +26,19 @@ def cfg(eps_global: Tensor, eps_local: Tensor, alpha: float) -> Tensor:
     return eps_global + alpha * (eps_local - eps_global)
 
 
-def per_sample_std(x: Tensor) -> Tensor:
-    """Unbiased standard deviation of each sample over all non-batch dims: B x ... -> B x 1 x ... x 1."""
+def per_sample_std(x: Tensor, zero_channels: int = 0) -> Tensor:
+    """Unbiased standard deviation of each sample over all non-batch dims: B x ... -> B x 1 x ... x 1.
+
+    ``zero_channels``: take the std as if ``x`` (B x C x h x w) had that many more all-zero
+    channels after its own, i.e. over the published 8-channel UNet output whose last 4 channels
+    are 0 (``zero_channels=4`` for 4 latent channels; about 1/1.41 of the plain std).
+    """
+    if zero_channels:
+        x = torch.cat([x, x.new_zeros(x.shape[0], zero_channels, *x.shape[2:])], dim=1)
     return x.flatten(1).std(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def leg(eps_local: Tensor, alpha: float, noise: Tensor) -> Tensor:
+def leg(eps_local: Tensor, alpha: float, noise: Tensor, zero_channels: int = 0) -> Tensor:
     """Local-Enhanced Guidance (GL-LCM): ``alpha * eps_local + (1 - alpha) * noise / std(eps_local)``.
 
     ``std`` is the unbiased standard deviation of each sample's eps_local over (C, h, w), so the result
@@ -48,13 +56,15 @@ def leg(eps_local: Tensor, alpha: float, noise: Tensor) -> Tensor:
         eps_local: local-path noise prediction, B x C x h x w.
         alpha: guidance weight (published: 3).
         noise: standard normal, same shape as eps_local.
+        zero_channels: 0 (ours: std over the predicted channels) or the number of all-zero output
+            channels the published UNet appends (4): see :func:`per_sample_std`.
 
     Returns:
         Guided prediction, B x C x h x w.
     """
     if noise.shape != eps_local.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != eps_local shape {tuple(eps_local.shape)}")
-    return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local)
+    return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local, zero_channels)
 
 
 def apply_guidance(
@@ -63,6 +73,7 @@ def apply_guidance(
     eps_local: Tensor,
     alpha: float,
     noise: Tensor | None = None,
+    zero_channels: int = 0,
 ) -> Tensor:
     """Dispatch to :func:`vanilla`, :func:`cfg` or :func:`leg` by name; ``noise`` is required for "leg".
 
@@ -75,5 +86,5 @@ def apply_guidance(
     if mode == "leg":
         if noise is None:
             raise ValueError("guidance mode 'leg' needs noise (standard normal, shaped like eps_local)")
-        return leg(eps_local, alpha, noise)
+        return leg(eps_local, alpha, noise, zero_channels)
     raise ValueError(f"unknown guidance mode {mode!r}; valid modes: {', '.join(VALID_GUIDANCE_MODES)}")

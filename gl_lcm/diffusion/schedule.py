@@ -97,6 +97,21 @@ def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor | int, alphas_cumprod
     return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
 
 
+def training_condition(cond: Tensor, timesteps: Tensor | int, alphas_cumprod: Tensor, mode: str = "none") -> Tensor:
+    """The condition latent the teacher sees in training.
+
+    mode 'none' (ours): ``cond`` as is, the same as in sampling. mode 'published': what the
+    published ``lcm_train.py`` does by passing ``cat(x0, cond)`` through ``add_noise`` with zero
+    noise on the condition channels: ``sqrt(alpha_bar_t) * cond`` (its sampling feeds ``cond``
+    unscaled). Shapes as in :func:`add_noise`.
+    """
+    if mode == "none":
+        return cond
+    if mode == "published":
+        return gather_per_sample(alphas_cumprod, timesteps, cond) ** 0.5 * cond
+    raise ValueError(f"unknown condition scaling {mode!r}; valid: none, published")
+
+
 def velocity(x0: Tensor, noise: Tensor, timesteps: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
     """v-prediction target ``v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x0`` (Salimans & Ho 2022).
 

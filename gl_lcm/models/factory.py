@@ -15,6 +15,13 @@ from gl_lcm.config import Config, SegmentationConfig, UNetConfig, VQGANConfig, c
 
 
 def build_vqgan(c: VQGANConfig) -> nn.Module:
+    """Our VQGAN (vqgan.arch=ours) or the published MONAI VQVAE (vqgan.arch=monai_vqvae)."""
+    if c.arch == "monai_vqvae":
+        from gl_lcm.models.published_vqvae import PublishedVQVAE
+
+        return PublishedVQVAE(in_channels=1, channels=tuple(c.channels), res_channels=c.res_channels,
+                              num_res_layers=c.num_res_blocks, embed_dim=c.embed_dim, codebook_size=c.codebook_size,
+                              beta=c.beta, ema_decay=c.ema_decay)
     from gl_lcm.models.vqgan import VQGAN
 
     return VQGAN(in_channels=1, channels=tuple(c.channels), num_res_blocks=c.num_res_blocks, embed_dim=c.embed_dim,
@@ -35,7 +42,8 @@ def build_unet(c: UNetConfig, latent_channels: int) -> nn.Module:
     attn = [c.latent_size // r for r in c.attention_resolutions]  # downsample factors
     return UNet(in_channels=2 * latent_channels, out_channels=latent_channels, model_channels=c.model_channels,
                 channel_mult=tuple(c.channel_mult), num_res_blocks=c.num_res_blocks,
-                attention_downsample_factors=tuple(attn), num_heads=c.num_heads, dropout=c.dropout,
+                attention_downsample_factors=tuple(attn), num_heads=c.num_heads,
+                num_head_channels=c.num_head_channels or None, dropout=c.dropout,
                 use_scale_shift_norm=c.use_scale_shift_norm, resblock_updown=c.resblock_updown,
                 gradient_checkpointing=c.gradient_checkpointing)
 
@@ -51,7 +59,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _load(path: str | Path, kind: str, device: Any) -> tuple[dict, Config]:
-    from gl_lcm.train.checkpoint import load_checkpoint
+    from gl_lcm.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu", expect_kind=kind)
     return ckpt, config_from_checkpoint(ckpt["config"])
@@ -75,7 +83,7 @@ def load_vqgan(path: str | Path, device: Any = "cpu") -> nn.Module:
 
 def load_denoiser(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, Config]:
     """The sampling UNet of a teacher ('ldm', EMA weights) or student ('distill') checkpoint, with its config."""
-    from gl_lcm.train.checkpoint import load_checkpoint
+    from gl_lcm.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt["kind"] not in ("ldm", "distill"):

@@ -13,11 +13,14 @@ num_res_channels=512                          the bottom level width (512); the 
                                               width, not MONAI's bottleneck units
 embedding_dim=4                               ``embed_dim=4`` (latent channels)
 num_embeddings=1024                           ``codebook_size=1024``
-(MONAI default) commitment_cost=0.25,         ``beta=0.25``, ``use_ema=True``,
-EMA decay=0.99                                ``ema_decay=0.99``
+(VQVAE defaults) commitment_cost=0.25,        ``beta=0.25``, ``use_ema=True``,
+EMA decay=0.5                                 ``ema_decay=0.99`` (ours)
 ============================================  ==========================================
 
-so the paper setting turns a 1 x 1024 x 1024 image into a 4 x 128 x 128 latent. Additions
+so the paper setting turns a 1 x 1024 x 1024 image into a 4 x 128 x 128 latent. This is a
+different network from the published one (53.8 M vs 38.3 M parameters) and cannot load its
+weights; the published network itself is ``vqgan.arch=monai_vqvae``
+(``gl_lcm.models.published_vqvae``). Additions
 over the published model (taming style): GroupNorm, an attention block at the bottom
 (``attn_at_bottom``) and dead-code restart.
 
@@ -390,8 +393,9 @@ class VQGAN(nn.Module):
     def decode_unscaled(self, z: torch.Tensor, requantize: bool = True) -> torch.Tensor:
         """Image from an unscaled latent: B x D x h x w -> B x 1 x h*2^n x w*2^n (about [-1, 1]).
 
-        ``requantize`` snaps ``z`` to the nearest codes first (as the published pipeline
-        does with diffusion outputs); pass False to decode ``z`` as given.
+        ``requantize`` snaps ``z`` to the nearest codes first (ours); pass False to decode ``z``
+        as given, which is what the published evaluation does with sampled latents
+        (``VQGAN.decode(sample[:, :4])``, no quantiser; ``reference.requantize=false``).
         """
         if requantize:
             z, _, _ = self.quantizer(z, update=False)

@@ -130,8 +130,13 @@ def segment_lungs_pretrained(model: nn.Module, image01: np.ndarray, device: Unio
     return postprocess_mask(prob, threshold=THRESHOLD, min_area=min_area, name=name)
 
 
-def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Read the precomputed lung mask ``<folder>/<stem>.<ext>`` (nonzero = lung) as bool.
+def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[int, int]] = None,
+                           threshold: float = 0.0) -> np.ndarray:
+    """Read the precomputed lung mask ``<folder>/<stem>.<ext>`` as bool.
+
+    A pixel is lung when it is nonzero (``threshold`` 0), or when its value is at least
+    ``threshold`` times the full scale of the file's integer type (1.0: only 255 in an 8-bit
+    file, which is what the published evaluation kept: ``mask[mask < 255] = 0``).
 
     Args:
         folder: folder of mask images (PNG 0/255 or 0/1; also BMP, TIFF, JPEG).
@@ -154,7 +159,11 @@ def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[in
         raise ValueError(f"cannot decode lung mask {path}")
     if mask.ndim == 3:
         mask = mask.max(axis=2)
-    mask_bool = mask > 0
+    if threshold > 0:
+        full = float(np.iinfo(mask.dtype).max) if np.issubdtype(mask.dtype, np.integer) else 1.0
+        mask_bool = mask >= threshold * full
+    else:
+        mask_bool = mask > 0
     if shape is not None and tuple(mask_bool.shape) != tuple(shape[:2]):
         resized = cv2.resize(mask_bool.astype(np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST)
         mask_bool = resized > 0
@@ -163,6 +172,7 @@ def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[in
 
 def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module] = None,
                   mask_dir: Optional[PathLike] = None, name: Optional[str] = None, min_area: Optional[int] = None,
+                  mask_threshold: float = 0.0,
                   image_size: int = 256, device: Union[str, torch.device] = "cpu") -> np.ndarray:
     """Lung mask of one CXR by the chosen method.
 
@@ -172,6 +182,7 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
             "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file) or
             "pretrained" (needs the published ``model``; ``device`` applies).
         name: image name (file name or stem) for the folder lookup and error messages.
+        mask_threshold: folder masks: lung where the value is >= this fraction of full scale (0 = nonzero).
         min_area: small-component override of the post-processing.
 
     Returns:
@@ -193,6 +204,6 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
     if method == "folder":
         if mask_dir is None or name is None:
             raise ValueError("segmentation method 'folder' needs mask_dir and name (the image stem)")
-        mask = load_masks_from_folder(mask_dir, Path(name).stem, image.shape)
+        mask = load_masks_from_folder(mask_dir, Path(name).stem, image.shape, threshold=mask_threshold)
         return postprocess_mask(mask, min_area=min_area, name=name)
     raise ValueError(f"unknown segmentation method {method!r}; valid: {', '.join(SEGMENTATION_METHODS)}")

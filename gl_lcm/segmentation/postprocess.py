@@ -1,8 +1,10 @@
 """Lung-mask post-processing, checks, overlays and Dice.
 
-Post-processing follows the published GL-LCM pipeline: binarise the network output
-(probability threshold 0.5), then drop connected components smaller than 100 pixels
-at 1024 x 1024; here that area is scaled with the image size
+Post-processing: binarise the network output at probability 0.5 (ours; the published masks
+came from the ``lungs-segmentation`` package's pretrained ResNet34 U-Net with sigmoid > 0.2,
+``codes/lungSegmentation.ipynb``), then drop connected components smaller than 100 pixels at
+1024 x 1024 (the published evaluation does this to the mask before fusion,
+``batch_lcm_eval.py``); here that area is scaled with the image size
 (``round(100 * H * W / 1024**2)``) so the rule means the same at every resolution.
 A mask that ends up empty or implausibly small raises :class:`NoLungFoundError`
 instead of silently feeding an empty lung region to the local diffusion path.
@@ -79,7 +81,7 @@ def postprocess_mask(prob_or_mask: np.ndarray, *, threshold: float = 0.5, min_ar
 
     Args:
         prob_or_mask: H x W probabilities in [0, 1] or a bool mask.
-        threshold: probability threshold (0.5 as published).
+        threshold: probability threshold (0.5, ours; the published notebook used 0.2 with its own network).
         min_area: component-size override in pixels (default: scaled 100 px at 1024^2).
         name: image name used in the error message.
 

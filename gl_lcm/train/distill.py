@@ -16,7 +16,7 @@ from gl_lcm.config import Config, config_from_checkpoint
 from gl_lcm.diffusion.distill import consistency_distillation_loss, solver_timesteps
 from gl_lcm.diffusion.schedule import offset_noise
 from gl_lcm.models.factory import load_denoiser, update_ema
-from gl_lcm.train.checkpoint import load_checkpoint
+from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask
 from gl_lcm.train.loop import Trainer
 

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from gl_lcm.config import Config
 from gl_lcm.data.datasets import masked, pairs_for_split
 from gl_lcm.data.pairs import PairedDataset
-from gl_lcm.diffusion.schedule import add_noise, alphas_cumprod_from_betas, make_betas, offset_noise, velocity
+from gl_lcm.diffusion.schedule import (add_noise, alphas_cumprod_from_betas, make_betas, offset_noise,
+                                      training_condition, velocity)
 from gl_lcm.models.factory import build_unet, check_latent_fits_unet, load_vqgan, update_ema
-from gl_lcm.train.checkpoint import load_checkpoint, save_checkpoint
+from gl_lcm.utils.checkpoint import load_checkpoint, save_checkpoint
 from gl_lcm.train.loop import Trainer, TrainTask
 from gl_lcm.utils.dist import barrier
 from gl_lcm.utils.plotting import save_grid
@@ -153,6 +154,7 @@ class LDMTask(TrainTask):
             keep = torch.rand(b, generator=generator, device=generator.device).to(x0.device) >= d.cond_dropout
             cond = cond * keep.view(b, 1, 1, 1)
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
+        cond = training_condition(cond, t, self.alphas_cumprod, d.train_cond_scaling)
         pred = self.trainer.net("unet")(x_t, t, cond)
         target = noise if d.prediction_type == "epsilon" else velocity(x0, noise, t, self.alphas_cumprod)
         loss = F.mse_loss(pred.float(), target.float())

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from gl_lcm.config import Config, check_consistency, save_config
-from gl_lcm.train.checkpoint import (
+from gl_lcm.utils.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,

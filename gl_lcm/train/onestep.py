@@ -30,7 +30,7 @@ from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
 from gl_lcm.diffusion.schedule import add_noise
 from gl_lcm.losses import ms_ssim
 from gl_lcm.models.factory import load_denoiser, update_ema
-from gl_lcm.train.checkpoint import load_checkpoint
+from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask, psnr_batch
 from gl_lcm.train.loop import Trainer
 

@@ -112,8 +112,13 @@ class VQGANTask(TrainTask):
 
     @torch.no_grad()
     def set_latent_scale(self, max_images: int = 64) -> None:
-        """latent_scale = 1 / std of the (unscaled) quantised latents of training images."""
+        """latent_scale = 1 / std of the (unscaled) quantised latents of training images.
+
+        The published MONAI VQVAE (vqgan.arch=monai_vqvae) keeps latent scale 1, as published."""
         from gl_lcm.models.vqgan import estimate_latent_scale
+
+        if self.cfg.vqgan.arch == "monai_vqvae":
+            return
 
         n = min(len(self.train_set), max_images)
         idx = np.linspace(0, len(self.train_set) - 1, n).round().astype(int)
@@ -157,13 +162,14 @@ def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optiona
     data = AutoencoderImages(pairs, cfg.data.image_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
     rows = []
-    counts = torch.zeros(model.quantizer.codebook_size, dtype=torch.long)
+    model_codebook_size = int(getattr(model, "codebook_size", 0) or model.quantizer.codebook_size)
+    counts = torch.zeros(model_codebook_size, dtype=torch.long)
     for start in tqdm(range(0, len(data), batch_size), desc="eval-vqgan", disable=not progress):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         x = torch.stack([it["image"] for it in items]).to(device)
         recon, _, info = model(x)
         recon = recon.clamp(-1, 1)
-        counts += torch.bincount(info["indices"].flatten().cpu(), minlength=model.quantizer.codebook_size)
+        counts += torch.bincount(info["indices"].flatten().cpu(), minlength=model_codebook_size)
         base = bicubic_baseline(x, factor)
         p, pb = psnr_batch(recon, x), psnr_batch(base, x)
         s = ms_ssim(recon, x, reduction="none")
