@@ -80,7 +80,7 @@ def main() -> None:
         size = lambda p: (tmp / p).stat().st_size / 2**20
         label = "SMOKE RUN (tiny models)" if args.small else "paper size"
         print(f"\n| Models | UNet params | VQ-VAE params | published .pth MiB (UNet + VQ) | written .pt MiB | "
-              f".safetensors MiB | import s | peak RSS GiB |")
+              ".safetensors MiB | import s | peak RSS GiB |")
         print("|:--|--:|--:|--:|--:|--:|--:|--:|")
         print(f"| {label} | {n_unet / 1e6:.1f} M | {n_vq / 1e6:.1f} M | {size('UNet.pth'):.0f} + {size('VQGAN.pth'):.0f} "
               f"| {size('out/unet.pt') + size('out/vqgan.pt'):.0f} | "
