@@ -475,7 +475,7 @@ def evaluate_split(cfg: Config, split: Optional[str] = None, overwrite: bool = F
         all_counts = _gather(counts, info.world_size)
         barrier()  # every rank has written its images and shards
         if not info.is_main:
-            return {"counts": counts, "summaries": {}, "timing": {}}
+            return {"counts": counts, "summaries": {}, "timing": {}, "metrics_failed": 0}  # rank 0 has the totals
         merge_rank_shards(out, info.world_size, handled)
         counts = RunCounts(*(sum(getattr(c, f) for c in all_counts) for f in ("succeeded", "failed", "skipped")))
         return _write_report(cfg, out, stems, lpips_metric, counts)
