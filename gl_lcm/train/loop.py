@@ -80,7 +80,12 @@ class TrainTask:
     (the trainer does backward, accumulation, clipping and optimizer steps).
     """
 
-    name = "task"
+    name = "task"  # checkpoint kind
+
+    @property
+    def label(self) -> str:
+        """What progress bars and logs call this task (default: its checkpoint kind)."""
+        return self.name
 
     def build(self, trainer: "Trainer") -> None:
         raise NotImplementedError
@@ -344,7 +349,7 @@ class Trainer:
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
         ddp_modules = list(self.nets.values())
         batches = self._batches()
-        bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.task.name}", dynamic_ncols=True,
+        bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.task.label}", dynamic_ncols=True,
                    disable=not (self.progress and self.is_main))
         running: dict[str, float] = {}
         last: dict[str, float] = {}
@@ -412,7 +417,7 @@ class Trainer:
         if self.is_main:
             self.metric_log.flush()
             self.metric_log.plot(self.out_dir / "logs" / "curves.png")
-            self.log(f"trained {self.task.name} to step {self.step} in {time.time() - start:.1f} s; "
+            self.log(f"trained {self.task.label} to step {self.step} in {time.time() - start:.1f} s; "
                      f"outputs in {self.out_dir}")
         print(f"[rank {self.dist.rank}] weights checksum {weights_checksum(self.task.modules()):.10e}", flush=True)
         return last

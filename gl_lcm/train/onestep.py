@@ -80,6 +80,7 @@ class LatentImagePairs(Dataset):
 
 class OneStepTask(LDMTask):
     name = "distill"  # a student checkpoint: the pipeline loads it like a distilled one
+    label = "one-step student"
 
     def build(self, trainer: Trainer) -> None:
         cfg, o = self.cfg, self.cfg.onestep
