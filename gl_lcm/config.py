@@ -100,7 +100,9 @@ class DiffusionConfig:
     beta_schedule: str = opt("scaled_linear", "noise schedule", choices=["scaled_linear", "linear", "cosine"])
     beta_start: float = opt(0.00085, "first beta", min=0.0, max=1.0)
     beta_end: float = opt(0.012, "last beta", min=0.0, max=1.0)
-    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=["epsilon", "v_prediction"])
+    prediction_type: str = opt("epsilon", "what the UNet predicts (sample = x0, used by one-step students; sampling "
+                                          "takes it from the denoiser's checkpoint)",
+                               choices=["epsilon", "v_prediction", "sample"])
     offset_noise: float = opt(0.1, "offset-noise strength in training (0 = plain Gaussian noise)", min=0.0)
     cond_dropout: float = opt(0.0, "probability of zeroing the condition in training (for classifier-free guidance)", min=0.0, max=1.0)
     train_cond_scaling: str = opt("none", "condition latent in teacher training: none (ours, as in sampling) or "
@@ -136,10 +138,15 @@ class DistillConfig:
 
 @dataclass
 class OneStepConfig:
+    prediction_type: str = opt("sample", "what the fine-tuned student predicts: sample (x0: well conditioned at "
+                                         "t = T-1, where an epsilon output is amplified ~15x) or teacher (keep the "
+                                         "teacher's)", choices=["sample", "teacher"])
     step_counts: list = opt([1, 2, 4], "LCM step counts whose timesteps fine-tuning visits (1 -> t = T-1; 2 and 4 add "
                                        "their later timesteps)")
     first_step_weight: float = opt(0.5, "share of training samples drawn at t = T-1 (the one-step sampler's timestep); "
                                         "the rest spread evenly over the other timesteps", min=0.0, max=1.0)
+    latent_only_steps: int = opt(0, "the first N optimizer steps train on the latent MSE alone (no decoder pass, "
+                                    "several times faster); the pixel terms join after them", min=0)
     pixel_weight: float = opt(1.0, "weight of the MSE between the decoded estimate and the ground-truth image", min=0.0)
     msssim_weight: float = opt(0.1, "weight of (1 - MS-SSIM) between the decoded estimate and the image", min=0.0)
     latent_weight: float = opt(0.05, "weight of the MSE between the latent estimate and the target latent", min=0.0)

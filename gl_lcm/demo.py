@@ -57,8 +57,8 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
     one = _config("onestep_tiny.yaml", common + [f"train.output_dir={out / 'onestep'}",
                                                  f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
                                                  f"checkpoints.student={student_ckpt}"]
-                  + (["train.max_steps=10", "train.val_every=10", "train.ckpt_every=10", "train.batch_size=8"]
-                     if fast else []))
+                  + (["train.max_steps=10", "train.val_every=10", "train.ckpt_every=10", "train.batch_size=8",
+                      "onestep.latent_only_steps=6", "train.lr_milestones=[6]"] if fast else []))
     ev = _config("gl_lcm_tiny.yaml", common + [
         f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
         f"checkpoints.student={student_ckpt}", f"eval.output_dir={out / 'eval'}"]
@@ -124,7 +124,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     from gl_lcm.evaluate import Segmenter
     from gl_lcm.metrics import compute_metrics, summarize
     from gl_lcm.models.factory import load_denoiser, load_vqgan
-    from gl_lcm.pipeline import GLLCMPipeline, image_generators, sample_latents
+    from gl_lcm.pipeline import GLLCMPipeline, image_generators, sample_latents, sampling_config
     from gl_lcm.utils.dist import resolve_device
 
     device = resolve_device(cfg.device)
@@ -133,7 +133,9 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
     teacher, _ = load_denoiser(cfg.checkpoints.teacher, device)
     student, _ = load_denoiser(cfg.checkpoints.student, device)
-    models = {"teacher": teacher, "student": student, "onestep": load_denoiser(onestep_checkpoint, device)[0]}
+    onestep, onestep_cfg = load_denoiser(onestep_checkpoint, device)
+    models = {"teacher": teacher, "student": student, "onestep": onestep}
+    sampling_cfgs = {"onestep": sampling_config(cfg, onestep_cfg)}  # it predicts x0 (onestep.prediction_type)
     seg = Segmenter(cfg, out / "eval")
     import cv2
 
@@ -198,7 +200,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
                 out_imgs.append(np.where(cxrs[i] <= 0, 0.0, img))
             preds[name] = out_imgs
         else:
-            pipe = GLLCMPipeline(vqgan, models[spec[0]], cfg, device)
+            pipe = GLLCMPipeline(vqgan, models[spec[0]], sampling_cfgs.get(spec[0], cfg), device)
             fused, glob, loc = [], [], []
             sampling[name] = 0.0
             for i in range(0, len(cxrs), batch):

@@ -289,6 +289,24 @@ def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.nda
     return np.where(outside, 0.0, g).astype(np.float32), np.where(outside, 0.0, l).astype(np.float32)
 
 
+def sampling_config(cfg: Config, denoiser_cfg: Config) -> Config:
+    """``cfg`` with the denoiser's own prediction type (from its checkpoint): the sampler must read the
+    network's output the way it was trained (a one-step student predicts x0, its teacher epsilon).
+    A denoiser that predicts x0 (``sample``: the one-step students of gl_lcm.train.onestep) is also
+    sampled with the dynamic-clipping setting it was trained with."""
+    import copy
+
+    d = denoiser_cfg
+    x0 = d.diffusion.prediction_type == "sample"
+    if cfg.diffusion.prediction_type == d.diffusion.prediction_type and not (x0 and cfg.lcm.dynamic_clip != d.lcm.dynamic_clip):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.diffusion.prediction_type = d.diffusion.prediction_type
+    if x0:
+        out.lcm.dynamic_clip = d.lcm.dynamic_clip
+    return out
+
+
 class GLLCMPipeline:
     """The method of the paper over trained parts: a VQGAN, a denoiser (teacher or student) and a config."""
 
@@ -320,9 +338,9 @@ class GLLCMPipeline:
         if not cfg.checkpoints.vqgan:
             raise ValueError("checkpoints.vqgan is empty: set it to the trained VQGAN model.pt")
         vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
-        unet, _ = load_denoiser(path, device)
+        unet, unet_cfg = load_denoiser(path, device)
         check_latent_fits_unet(cfg.data.image_size, vqgan, unet)
-        return cls(vqgan, unet, cfg, device)
+        return cls(vqgan, unet, sampling_config(cfg, unet_cfg), device)
 
     @torch.no_grad()
     def run(self, names: Sequence[str], cxrs: Sequence[np.ndarray], masks: Sequence[np.ndarray],

@@ -44,8 +44,8 @@ MUTANTS = [
            ("tests/test_pipeline.py",)),
     Mutant("dual path: global and local predictions swapped in the guidance call",
            "gl_lcm/pipeline.py",
-           "apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise)",
-           "apply_guidance(mode, eps_local, eps_global, alpha, noise=leg_noise)",
+           "apply_guidance(mode, eps_global, eps_local, alpha, noise=leg_noise,",
+           "apply_guidance(mode, eps_local, eps_global, alpha, noise=leg_noise,",
            ("tests/test_pipeline.py",)),
     Mutant("post-processing: local mean shift measured over the whole image",
            "gl_lcm/pipeline.py",
@@ -54,14 +54,12 @@ MUTANTS = [
            ("tests/test_pipeline.py",)),
     Mutant("DICOM: MONOCHROME1 inverted before the VOI window",
            "gl_lcm/data/io.py",
-           "        values = apply_modality_lut(pixels, ds)\n        values = apply_voi_lut(values, ds)\n"
-           "        values = values.astype(np.float64)\n        if photometric == \"MONOCHROME1\":\n"
-           "            # MONOCHROME1: minimum is white after the VOI step, so flip to bone-bright.\n"
-           "            values = -values",
-           "        values = apply_modality_lut(pixels, ds)\n        if photometric == \"MONOCHROME1\":\n"
-           "            values = -values\n        values = apply_voi_lut(values, ds)\n"
-           "        values = values.astype(np.float64)",
-           ("tests/test_io.py",)),
+           "    values = apply_modality_lut(np.asarray(stored), ds)\n    with warnings.catch_warnings():",
+           "    values = apply_modality_lut(np.asarray(stored), ds)\n"
+           "    if str(ds.get(\"PhotometricInterpretation\", \"\")).upper() == \"MONOCHROME1\":\n"
+           "        return -np.asarray(apply_voi_lut(-values, ds), dtype=np.float64) * -1\n"
+           "    with warnings.catch_warnings():",
+           ("tests/test_io.py", "tests/test_dicom_io.py")),
     Mutant("write_png writes straight to the target path",
            "gl_lcm/data/io.py",
            "    with atomic_path(path) as tmp:\n        if not cv2.imwrite(str(tmp), quantised):",
@@ -97,9 +95,19 @@ MUTANTS = [
            "self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.train.batch_size)",
            "self.sampler.set_epoch(self.epoch, 0)",
            ("tests/test_training.py",)),
+    Mutant("pipeline ignores the denoiser's own prediction type (one-step student read as epsilon)",
+           "gl_lcm/pipeline.py",
+           "return cls(vqgan, unet, sampling_config(cfg, unet_cfg), device)",
+           "return cls(vqgan, unet, cfg, device)",
+           ("tests/test_onestep.py",)),
+    Mutant("consistency output ignores the sampler's clip range",
+           "gl_lcm/diffusion/distill.py",
+           "    if clip_range is not None:\n        x0_pred = clamp_per_sample(x0_pred, clip_range)",
+           "    if False:\n        x0_pred = clamp_per_sample(x0_pred, clip_range)",
+           ("tests/test_onestep.py",)),
     Mutant("LEG: noise scaled by the batch's std instead of each sample's",
            "gl_lcm/diffusion/guidance.py",
-           "return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local)",
+           "return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local, zero_channels)",
            "return alpha * eps_local + (1 - alpha) * noise / eps_local.std()",
            ("tests/test_guidance.py", "tests/test_pipeline.py")),
 ]

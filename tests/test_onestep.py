@@ -48,3 +48,29 @@ def test_training_estimate_is_one_lcm_step(prediction_type):
         torch.testing.assert_close(ours[i:i + 1], denoised, atol=1e-5, rtol=1e-5)
     unclipped = consistency_output(out, x_t, timesteps, ac, prediction_type, timestep_scaling=10.0)
     assert (unclipped - ours).abs().max() > 0.1  # the clip range binds here
+
+
+def test_sampling_reads_the_denoisers_own_output_type(tmp_path):
+    """The pipeline samples an x0-predicting one-step student as x0 and with the clipping it was trained
+    with, whatever the evaluation config says; an epsilon teacher keeps the evaluation config's clipping."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_config, write_tiny_checkpoints
+
+    from gl_lcm.pipeline import GLLCMPipeline, sampling_config
+
+    teacher_cfg = tiny_config()
+    student_cfg = tiny_config(["diffusion.prediction_type=sample", "lcm.dynamic_clip=false"])
+    paths = write_tiny_checkpoints(tmp_path / "t", teacher_cfg)
+    student_paths = write_tiny_checkpoints(tmp_path / "s", student_cfg)
+    use = tiny_config([f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={student_paths['student']}",
+                       f"checkpoints.teacher={paths['teacher']}", "lcm.dynamic_clip=true"])
+    student = GLLCMPipeline.from_config(use, model="student")
+    assert student.cfg.diffusion.prediction_type == "sample" and student.cfg.lcm.dynamic_clip is False
+    teacher = GLLCMPipeline.from_config(use, model="teacher")
+    assert teacher.cfg.diffusion.prediction_type == "epsilon" and teacher.cfg.lcm.dynamic_clip is True
+    assert use.diffusion.prediction_type == "epsilon" and use.lcm.dynamic_clip is True  # the caller's config untouched
+    eps_no_clip = tiny_config(["lcm.dynamic_clip=false"])
+    assert sampling_config(use, eps_no_clip) is use  # an epsilon denoiser's training clip setting is not imposed

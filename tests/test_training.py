@@ -94,7 +94,8 @@ def _resume_args(kind: str, root: Path, out: Path, fixtures: dict) -> list[str]:
         return ["train-onestep", "--config", "configs/onestep_tiny.yaml", f"data.root={root}",
                 f"train.output_dir={out}", f"checkpoints.vqgan={fixtures['vqgan']}",
                 f"checkpoints.teacher={fixtures['teacher']}", "checkpoints.student=", *LDM_TINY,
-                "train.batch_size=8", "train.val_every=100", *common]
+                "train.batch_size=8", "train.val_every=100", "onestep.latent_only_steps=2",  # both phases
+                "train.lr_milestones=[2]", *common]
     return ["train-seg", "--config", "configs/segnet_tiny.yaml", f"data.root={root}", f"train.output_dir={out}",
             "segmentation.image_size=32", "segmentation.depth=2", "segmentation.base_channels=8",
             "train.batch_size=4", "train.val_every=100", "device=cpu", *common]
