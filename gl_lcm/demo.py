@@ -196,7 +196,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
                 t1 = time.perf_counter()
                 z = sample_latents(teacher, cond, cfg, 1000, generator=gen, sampler="ddpm")
                 sampling[name] += (time.perf_counter() - t1) / ddpm_n
-                img = ((vqgan.decode(z).clamp(-1, 1)[0, 0].cpu().numpy() + 1) / 2)
+                img = ((vqgan.decode(z, requantize=cfg.reference.requantize).clamp(-1, 1)[0, 0].cpu().numpy() + 1) / 2)
                 out_imgs.append(np.where(cxrs[i] <= 0, 0.0, img))
             preds[name] = out_imgs
         else:
