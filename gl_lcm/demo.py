@@ -241,7 +241,7 @@ def figure_psnr_vs_calls(path: Path, rows: dict, unet_calls: dict) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     families = {}
     for name, calls in unet_calls.items():
-        family = name.rsplit(",", 1)[0]
+        family = name.rsplit(",", 1)[0] if name.endswith(("step", "steps")) else name  # one line per model
         families.setdefault(family, []).append((calls, *rows[name]["psnr"], name))
     for family, points in families.items():
         points.sort()
@@ -299,4 +299,5 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
     atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "report.json", json.dumps(
         {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},
-         "times": t, "sampling": res["sampling"], "stage_times": stage_times}, indent=2, default=float))
+         "times": t, "sampling": res["sampling"], "unet_calls": res["unet_calls"], "stage_times": stage_times},
+        indent=2, default=float))
