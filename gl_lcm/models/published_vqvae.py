@@ -24,8 +24,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from gl_lcm.models.vqgan import LatentGeometry
 
-class PublishedVQVAE(nn.Module):
+
+class PublishedVQVAE(LatentGeometry, nn.Module):
     """MONAI VQVAE (published GL-LCM autoencoder) for 1-channel images in [-1, 1].
 
     Args:
@@ -58,17 +60,6 @@ class PublishedVQVAE(nn.Module):
         self.channels = tuple(channels)
         self.register_buffer("latent_scale", torch.tensor(1.0), persistent=False)
 
-    @property
-    def num_downsamplings(self) -> int:
-        return len(self.channels)
-
-    def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
-        """(embed_dim, H / 2^n, W / 2^n) for an image of side ``image_size`` or (H, W)."""
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        f = 2**self.num_downsamplings
-        if any(s % f for s in hw):
-            raise ValueError(f"image size {hw} must be divisible by {f}")
-        return (self.embed_dim, hw[0] // f, hw[1] // f)
 
     def _snap(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes without touching the EMA statistics: (z + (q - z), indices B x h x w).

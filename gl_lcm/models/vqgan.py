@@ -305,7 +305,28 @@ class _Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQGAN(nn.Module):
+class LatentGeometry:
+    """Latent geometry shared by the autoencoders: one 2x downsampling per entry of ``self.channels``,
+    ``self.embed_dim`` latent channels."""
+
+    channels: tuple
+    embed_dim: int
+
+    @property
+    def num_downsamplings(self) -> int:
+        """Number of 2x downsamplings (= len(channels))."""
+        return len(self.channels)
+
+    def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(embed_dim, H / 2^n, W / 2^n) for an image of side ``image_size`` or (H, W)."""
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        f = 2**self.num_downsamplings
+        if any(s % f for s in hw):
+            raise ValueError(f"image size {hw} must be divisible by {f}")
+        return (self.embed_dim, hw[0] // f, hw[1] // f)
+
+
+class VQGAN(LatentGeometry, nn.Module):
     """Encoder -> vector quantiser -> decoder for 1-channel images in [-1, 1].
 
     Args:
@@ -355,18 +376,6 @@ class VQGAN(nn.Module):
         self.decoder = _Decoder(embed_dim, self.channels, num_res_blocks, in_channels, attn_at_bottom, ckpt)
         self.register_buffer("latent_scale", torch.tensor(1.0))
 
-    @property
-    def num_downsamplings(self) -> int:
-        """Number of 2x downsamplings (= len(channels))."""
-        return len(self.channels)
-
-    def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
-        """(embed_dim, H / 2^n, W / 2^n) for an image of side ``image_size`` or (H, W)."""
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        f = 2**self.num_downsamplings
-        if any(s % f for s in hw):
-            raise ValueError(f"image size {hw} must be divisible by {f}")
-        return (self.embed_dim, hw[0] // f, hw[1] // f)
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -59,12 +59,7 @@ def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: 
     param = next(model.parameters(), None)
     if param is not None and param.is_floating_point():
         x = x.to(param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(x)
-    finally:
-        model.train(was_training)
+    logits = _forward_in_eval_mode(model, x)
     if logits.shape[-2:] != (image_size, image_size) or logits.shape[:2] != (1, 1):
         raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected (1, 1, {image_size}, {image_size})")
     prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
@@ -86,6 +81,16 @@ def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int
     """
     prob = predict_lung_probability(model, image01, image_size, device)
     return postprocess_mask(prob, threshold=0.5, min_area=min_area, name=name)
+
+
+def _forward_in_eval_mode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in eval mode (batch-norm statistics frozen), leaving the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -111,12 +116,7 @@ def predict_published_lung_probability(model: nn.Module, image01: np.ndarray,
     image = (image - low) / (high - low)  # min-max as the package does
     small = cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
     x = torch.from_numpy(small).float()[None, None].expand(1, 3, INPUT_SIZE, INPUT_SIZE).contiguous().to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(x)
-    finally:
-        model.train(was_training)
+    logits = _forward_in_eval_mode(model, x)
     prob = torch.sigmoid(logits.float())[0].amax(dim=0).cpu().numpy()
     return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
 
