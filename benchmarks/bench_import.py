@@ -79,7 +79,7 @@ def main() -> None:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         size = lambda p: (tmp / p).stat().st_size / 2**20
         label = "SMOKE RUN (tiny models)" if args.small else "paper size"
-        print(f"\n| Models | UNet params | VQ-VAE params | published .pth MiB (UNet + VQ) | written .pt MiB | "
+        print("\n| Models | UNet params | VQ-VAE params | published .pth MiB (UNet + VQ) | written .pt MiB | "
               ".safetensors MiB | import s | peak RSS GiB |")
         print("|:--|--:|--:|--:|--:|--:|--:|--:|")
         print(f"| {label} | {n_unet / 1e6:.1f} M | {n_vq / 1e6:.1f} M | {size('UNet.pth'):.0f} + {size('VQGAN.pth'):.0f} "
