@@ -117,6 +117,23 @@ def cmd_train_seg(args):
     train_segnet(_cfg(args), resume=args.resume)
 
 
+def cmd_prepare_lung_set(args):
+    from gl_lcm.data.io import list_images
+    from gl_lcm.data.lung_sets import add_phantoms, prepare_covid_lung_set
+
+    exclude = []
+    for item in args.exclude:
+        path = Path(item)
+        exclude += list(list_images(path)) if path.is_dir() else [path.stem]
+    result = prepare_covid_lung_set(args.repo, args.out, exclude=exclude, val_fraction=args.val_fraction,
+                                    seed=args.seed)
+    phantoms = add_phantoms(args.out, args.phantoms) if args.phantoms else []
+    print(f"{args.out}: {result['train']} training and {result['val']} validation films from "
+          f"{result['patients']} patients, + {len(phantoms)} phantoms for training; left out "
+          f"{len(result['excluded'])} films of excluded patients")
+    print(f"train with: gl-lcm train-seg --config configs/segnet_lungs.yaml data.root={args.out}")
+
+
 def cmd_segment(args):
     from gl_lcm.evaluate import segment_path
 
@@ -224,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-seg", cmd_train_seg, "train the lung segmentation U-Net on (image, mask) pairs")
     _config_args(p)
     _resume_arg(p)
+
+    p = add("prepare-lung-set", cmd_prepare_lung_set,
+            "train-seg folder (CXR/, Mask/ visible, MaskFull/ full, split by patient) from a local clone of the "
+            "COVID-19 chest X-ray segmentations dataset (GeneralBlockchain)")
+    p.add_argument("--repo", required=True, help="clone of github.com/GeneralBlockchain/"
+                                                  "covid-19-chest-xray-segmentations-dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--exclude", nargs="*", default=[],
+                   help="films to leave out with all films of their patients: stems, files or folders of images "
+                        "(e.g. the films you evaluate on)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--phantoms", type=int, default=24, help="built-in phantoms added to the training list "
+                                                           "(keeps the net working on the suite's synthetic data)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("segment", cmd_segment, "lung masks and overlays for one image or a folder")
     p.add_argument("input")

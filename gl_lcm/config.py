@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
 
 
+SEG_CONVENTIONS = ("visible", "full")  # lung-mask conventions a segmentation U-Net output can follow
+
+
 def opt(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
         min: Optional[float] = None, max: Optional[float] = None) -> Any:
     """A dataclass field with a help text and optional checks (choices, inclusive min/max)."""
@@ -41,7 +44,10 @@ class DataConfig:
     root: str = opt("data/phantom", "folder holding the image folders and split lists (relative paths below are inside it)")
     cxr_dir: str = opt("CXR", "folder of chest radiographs (CXR), relative to root or absolute")
     bs_dir: str = opt("BS", "folder of soft-tissue (bone-suppressed, DES) ground truths, same file stems as cxr_dir")
-    mask_dir: str = opt("Mask", "folder of lung masks (0/255 PNG, same stems); empty string = no mask folder")
+    mask_dir: str = opt("Mask", "folder of lung masks (0/255 PNG, same stems); empty string = no mask folder; "
+                                "train-seg: the masks of the U-Net's 'visible' output")
+    full_mask_dir: str = opt("MaskFull", "train-seg only: masks of the U-Net's 'full' output (lung outlined to the "
+                                         "rib cage, behind the heart included), same stems")
     train_list: str = opt("train.txt", "text file of training stems, one per line, relative to root")
     val_list: str = opt("val.txt", "text file of validation stems")
     test_list: str = opt("test.txt", "text file of test stems")
@@ -150,6 +156,9 @@ class OneStepConfig:
     pixel_weight: float = opt(1.0, "weight of the MSE between the decoded estimate and the ground-truth image", min=0.0)
     msssim_weight: float = opt(0.1, "weight of (1 - MS-SSIM) between the decoded estimate and the image", min=0.0)
     latent_weight: float = opt(0.05, "weight of the MSE between the latent estimate and the target latent", min=0.0)
+    rollout: bool = opt(False, "samples at the later timesteps of 2/4-step sampling noise the student's own one-step "
+                               "estimate (as sampling does) instead of the ground-truth latent, so later steps learn "
+                               "to correct it")
 
 
 @dataclass
@@ -164,6 +173,16 @@ class SegmentationConfig:
     image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
     base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
     depth: int = opt(4, "segmentation U-Net downsamplings", min=1)
+    outputs: list = opt(["visible"], "U-Net output channels, one lung convention each: visible (the lung not hidden "
+                                     "by the heart, as JSRT/SCR and Shenzhen outline it; masks in data.mask_dir) and "
+                                     "full (to the rib cage, behind the heart included, as the COVID outlines; "
+                                     "masks in data.full_mask_dir)")
+    convention: str = opt("visible", "which U-Net output segment/suppress use (must be one of the checkpoint's "
+                                     "segmentation.outputs)", choices=["visible", "full"])
+    normalize_input: bool = opt(True, "U-Net: map each film's 1st-99th intensity percentiles to [-1, 1] before the "
+                                      "net (exposure, gamma and window independence)")
+    augment: bool = opt(True, "train-seg: random scale, rotation, shift, gamma, contrast, borders, burned-in marks "
+                              "and flips (off: flips only)")
     min_area: int = opt(100, "drop mask components smaller than this many pixels at 1024x1024 (scaled with resolution)", min=0)
     cache: bool = opt(True, "cache masks on disk so a rerun does not recompute them")
 
@@ -456,6 +475,10 @@ def check_consistency(cfg: Config, source: str = "") -> None:
         raise ConfigError(f"'vqgan.use_ema'{where} must be true for vqgan.arch=monai_vqvae (MONAI's VQVAE has only an "
                           f"EMA codebook)")
     seg = cfg.segmentation
+    bad = [o for o in seg.outputs if o not in SEG_CONVENTIONS]
+    if not seg.outputs or bad or len(set(seg.outputs)) != len(seg.outputs):
+        raise ConfigError(f"segmentation.outputs={seg.outputs}{where} must list distinct conventions from "
+                          f"{list(SEG_CONVENTIONS)}")
     if seg.image_size % 2 ** seg.depth:
         raise ConfigError(f"segmentation.image_size={seg.image_size} is not divisible by 2^segmentation.depth="
                           f"{2 ** seg.depth}{where}")

@@ -55,7 +55,14 @@ class Segmenter:
                 raise ValueError("segmentation.method is 'unet' but checkpoints.segnet is empty: train one with "
                                  "`gl-lcm train-seg` or use segmentation.method=classical")
             self.device = device if device is not None else resolve_device(cfg.device)
-            self.model, _ = load_segnet(cfg.checkpoints.segnet, self.device)
+            self.model, net_cfg = load_segnet(cfg.checkpoints.segnet, self.device)
+            self.net_size = net_cfg.segmentation.image_size
+            outputs = net_cfg.segmentation.outputs
+            if cfg.segmentation.convention not in outputs:
+                raise ValueError(f"segmentation.convention={cfg.segmentation.convention} but the U-Net "
+                                 f"{cfg.checkpoints.segnet} predicts only {outputs}: set segmentation.convention "
+                                 f"to one of them or train a net with that output")
+            self.channel = outputs.index(cfg.segmentation.convention)
         if cfg.segmentation.method == "pretrained":
             from gl_lcm.models.published_lungseg import load_published_lungseg
             from gl_lcm.utils.dist import resolve_device
@@ -79,7 +86,7 @@ class Segmenter:
         min_area = int(round(s.min_area * h * w / (1024 * 1024)))
         kw = {}
         if s.method == "unet":
-            kw = {"model": self.model, "image_size": s.image_size, "device": self.device}
+            kw = {"model": self.model, "image_size": self.net_size, "device": self.device, "channel": self.channel}
         elif s.method == "pretrained":
             kw = {"model": self.model, "device": self.device}
         elif s.method == "folder":

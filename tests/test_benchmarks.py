@@ -156,3 +156,36 @@ def test_compare_published_choices_smoke(tmp_path):
     rows = table_rows(out, "| Choice (")
     assert [r.split("|")[1].strip() for r in rows][0] == "ours (defaults)" and len(rows) == 8
     assert rows[0].rstrip(" |").endswith("+0.00")
+
+
+def test_bench_segmentation_smoke(tmp_path):
+    """Per-source and per-variant tables on a fake real-cxr/seg made of phantoms, with a 1-step U-Net."""
+    import cv2
+    import numpy as np
+
+    from gl_lcm.config import load_config
+    from gl_lcm.data.phantom import generate_phantom
+    from gl_lcm.train.segnet import train_segnet
+
+    for source in ("jsrt", "covid"):
+        for folder in ("images", "masks"):
+            (tmp_path / "real-cxr" / "seg" / source / folder).mkdir(parents=True)
+        for i in range(2):
+            p = generate_phantom(64, i)
+            cv2.imwrite(str(tmp_path / "real-cxr" / "seg" / source / "images" / f"f{i}.png"), (p.cxr * 255).astype(np.uint8))
+            cv2.imwrite(str(tmp_path / "real-cxr" / "seg" / source / "masks" / f"f{i}.png"),
+                        p.lung_mask.astype(np.uint8) * 255)
+    write_phantom_dataset(tmp_path / "ph", n=4, size=32, seed=1, progress=False)
+    cfg = load_config(REPO_ROOT / "configs/segnet_tiny.yaml", [
+        f"data.root={tmp_path / 'ph'}", f"train.output_dir={tmp_path / 'seg'}", "segmentation.image_size=32",
+        "segmentation.depth=2", "segmentation.base_channels=8", "segmentation.outputs=[visible,full]",
+        "data.full_mask_dir=Mask", "train.max_steps=1", "train.batch_size=2", "device=cpu"])
+    train_segnet(cfg, progress=False)
+    out = run_script("bench_segmentation.py", "--data", str(tmp_path), "--segnet", str(tmp_path / "seg" / "model.pt"),
+                     "--variants", "--phantoms", "2", "--out", str(tmp_path / "bench"))
+    rows = table_rows(out, "| method | source (convention) |")
+    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == [
+        (m, s) for m in ("classical", "unet") for s in ("jsrt (visible)", "covid (full)", "phantoms 256 px (visible)")]
+    variants = table_rows(out, "| variant | method |")
+    assert len(variants) == 9 * 2
+    assert (tmp_path / "bench" / "table.md").is_file() and (tmp_path / "bench" / "worst.png").is_file()

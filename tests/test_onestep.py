@@ -74,3 +74,54 @@ def test_sampling_reads_the_denoisers_own_output_type(tmp_path):
     assert use.diffusion.prediction_type == "epsilon" and use.lcm.dynamic_clip is True  # the caller's config untouched
     eps_no_clip = tiny_config(["lcm.dynamic_clip=false"])
     assert sampling_config(use, eps_no_clip) is use  # an epsilon denoiser's training clip setting is not imposed
+
+
+def test_rollout_feeds_later_timesteps_the_students_own_noised_estimate():
+    """onestep.rollout: a sample at a later timestep sees add_noise(first estimate, eps, t), where the first
+    estimate is what one LCM step at t = 999 returns from add_noise(z0, eps', 999); t = 999 samples see z0."""
+    from types import SimpleNamespace
+
+    from gl_lcm.diffusion.distill import consistency_output
+    from gl_lcm.diffusion.schedule import add_noise
+    from gl_lcm.train.onestep import OneStepTask
+
+    cfg = load_config(None, ["diffusion.prediction_type=sample", "lcm.dynamic_clip=false", "onestep.rollout=true",
+                             "onestep.latent_only_steps=10"])
+    d = cfg.diffusion
+    ac = alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end))
+    seen = []
+
+    class Student(torch.nn.Module):  # predicts x0 = 0.5 * cond + 0.1 * x_t, records its inputs
+        def forward(self, x_t, t, cond):
+            seen.append((x_t.clone(), t.clone()))
+            return 0.5 * cond + 0.1 * x_t
+
+    task = OneStepTask.__new__(OneStepTask)
+    task.cfg, task.alphas_cumprod, task.unet = cfg, ac, Student()
+    task.trainer = SimpleNamespace(net=lambda name: task.unet)
+    task.timesteps = torch.tensor([999, 759, 499, 259])
+    task.t_cdf = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    b = 16
+    g = torch.Generator().manual_seed(5)
+    batch = {"target": torch.randn(b, 4, 8, 8, generator=g), "cond": torch.randn(b, 4, 8, 8, generator=g),
+             "image": torch.zeros(b, 1, 32, 32), "omega": torch.ones(b)}
+    task.micro_step(batch, step=1, generator=torch.Generator().manual_seed(9))
+
+    # the same draws, in the order the task makes them: timestep choice, noise, first-step noise
+    r = torch.Generator().manual_seed(9)
+    u = torch.rand(b, generator=r)
+    t = task.timesteps[torch.searchsorted(task.t_cdf, u, right=True).clamp_max(3)]
+    noise, first_noise = torch.randn(b, 4, 8, 8, generator=r), torch.randn(b, 4, 8, 8, generator=r)
+    later = t < 999
+    assert 0 < int(later.sum()) < b
+    z0, cond = batch["target"], batch["cond"]
+    t999 = torch.full((int(later.sum()),), 999)
+    x_first = add_noise(z0[later], first_noise[later], t999, ac)
+    first = consistency_output(0.5 * cond[later] + 0.1 * x_first, x_first, t999, ac, "sample",
+                               timestep_scaling=cfg.lcm.timestep_scaling)
+    start = z0.clone()
+    start[later] = first
+    x_t, t_seen = seen[-1]
+    assert torch.equal(t_seen, t)
+    torch.testing.assert_close(x_t, add_noise(start, noise, t, ac), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(x_t[later], add_noise(z0, noise, t, ac)[later], atol=1e-3)  # not the target's

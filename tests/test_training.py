@@ -98,7 +98,8 @@ def _resume_args(kind: str, root: Path, out: Path, fixtures: dict) -> list[str]:
                 "train.lr_milestones=[2]", *common]
     return ["train-seg", "--config", "configs/segnet_tiny.yaml", f"data.root={root}", f"train.output_dir={out}",
             "segmentation.image_size=32", "segmentation.depth=2", "segmentation.base_channels=8",
-            "train.batch_size=4", "train.val_every=100", "device=cpu", *common]
+            "train.batch_size=4", "train.val_every=100", "device=cpu", "segmentation.augment=true",
+            "segmentation.outputs=[visible,full]", "data.full_mask_dir=Mask", *common]  # random augmentation, 2 outputs
 
 
 @pytest.mark.parametrize("kind", ["vqgan", "ldm", "distill", "onestep", "segnet"])
@@ -210,7 +211,7 @@ def test_train_segnet_learns_lungs_and_is_used_by_segment(phantoms, tmp_path):
         "train.ckpt_every=60", "train.batch_size=4", "train.lr=0.003", "device=cpu"])
     train_segnet(cfg, progress=False)
     with open(tmp_path / "seg" / "logs" / "metrics.csv") as f:
-        dice = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/dice"]
+        dice = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/dice_visible"]
     assert dice and dice[-1] > 0.7
     use = load_config(None, ["segmentation.method=unet", f"checkpoints.segnet={tmp_path / 'seg' / 'model.pt'}",
                              "segmentation.image_size=32", "device=cpu", "segmentation.min_area=0"])

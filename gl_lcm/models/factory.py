@@ -51,7 +51,8 @@ def build_unet(c: UNetConfig, latent_channels: int) -> nn.Module:
 def build_segnet(c: SegmentationConfig) -> nn.Module:
     from gl_lcm.models.segnet import LungSegNet
 
-    return LungSegNet(in_channels=1, base_channels=c.base_channels, depth=c.depth)
+    return LungSegNet(in_channels=1, out_channels=len(c.outputs), base_channels=c.base_channels, depth=c.depth,
+                      normalize_input=c.normalize_input)
 
 
 def count_parameters(model: nn.Module) -> int:

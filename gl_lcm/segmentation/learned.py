@@ -40,14 +40,15 @@ def _check_image(image01: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: int = 256,
-                             device: Union[str, torch.device] = "cpu") -> np.ndarray:
+                             device: Union[str, torch.device] = "cpu", channel: int = 0) -> np.ndarray:
     """Lung probability map from a segmentation net.
 
     Args:
-        model: ``nn.Module`` taking B x 1 x S x S in [-1, 1] and returning B x 1 x S x S logits.
+        model: ``nn.Module`` taking B x 1 x S x S in [-1, 1] and returning B x K x S x S logits.
         image01: H x W float image in [0, 1].
         image_size: the net's input side S (the image is resized to S x S, area interpolation).
         device: where to run the net (the model is expected to live there already).
+        channel: which of the K outputs (lung conventions, ``segmentation.outputs``) to return.
 
     Returns:
         H x W float32 probabilities in [0, 1] (sigmoid of the logits, resized back bilinearly).
@@ -60,26 +61,27 @@ def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: 
     if param is not None and param.is_floating_point():
         x = x.to(param.dtype)
     logits = _forward_in_eval_mode(model, x)
-    if logits.shape[-2:] != (image_size, image_size) or logits.shape[:2] != (1, 1):
-        raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected (1, 1, {image_size}, {image_size})")
-    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    if logits.shape[-2:] != (image_size, image_size) or logits.shape[0] != 1 or not 0 <= channel < logits.shape[1]:
+        raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected (1, K > {channel}, "
+                         f"{image_size}, {image_size})")
+    prob = torch.sigmoid(logits[:, channel].float())[0].cpu().numpy()
     return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
 
 
 def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int = 256,
                           device: Union[str, torch.device] = "cpu", *, name: Optional[str] = None,
-                          min_area: Optional[int] = None) -> np.ndarray:
+                          min_area: Optional[int] = None, channel: int = 0) -> np.ndarray:
     """Lung mask from a segmentation net: resize, sigmoid, resize back, threshold 0.5, post-process.
 
     Args:
-        model, image01, image_size, device: as :func:`predict_lung_probability`.
+        model, image01, image_size, device, channel: as :func:`predict_lung_probability`.
         name: image name for error messages.
         min_area: small-component override (default 100 px at 1024^2, scaled).
 
     Returns:
         bool H x W mask. Raises NoLungFoundError for an empty or implausibly small mask.
     """
-    prob = predict_lung_probability(model, image01, image_size, device)
+    prob = predict_lung_probability(model, image01, image_size, device, channel)
     return postprocess_mask(prob, threshold=0.5, min_area=min_area, name=name)
 
 
@@ -172,13 +174,13 @@ def load_masks_from_folder(folder: PathLike, stem: str, shape: Optional[Tuple[in
 
 def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module] = None,
                   mask_dir: Optional[PathLike] = None, name: Optional[str] = None, min_area: Optional[int] = None,
-                  mask_threshold: float = 0.0,
-                  image_size: int = 256, device: Union[str, torch.device] = "cpu") -> np.ndarray:
+                  mask_threshold: float = 0.0, image_size: int = 256,
+                  device: Union[str, torch.device] = "cpu", channel: int = 0) -> np.ndarray:
     """Lung mask of one CXR by the chosen method.
 
     Args:
         image01: H x W float image in [0, 1] (bone bright).
-        method: "classical", "unet" (needs ``model``; ``image_size``/``device`` apply),
+        method: "classical", "unet" (needs ``model``; ``image_size``/``device``/``channel`` apply),
             "folder" (needs ``mask_dir`` and ``name``, whose stem names the mask file) or
             "pretrained" (needs the published ``model``; ``device`` applies).
         name: image name (file name or stem) for the folder lookup and error messages.
@@ -195,7 +197,7 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
     if method == "unet":
         if model is None:
             raise ValueError("segmentation method 'unet' needs a model")
-        return segment_lungs_learned(model, image, image_size, device, name=name, min_area=min_area)
+        return segment_lungs_learned(model, image, image_size, device, name=name, min_area=min_area, channel=channel)
     if method == "pretrained":
         if model is None:
             raise ValueError("segmentation method 'pretrained' needs the published model "

@@ -18,7 +18,10 @@ t = T-1 the 50-step clip range (+-omega = +-2 for the global path) cuts 5.7 % of
 latent values, and a one-step estimate is final.
 
 D is the frozen VQGAN decoder (gradients pass through it, its weights stay fixed). Training on the
-timesteps that 1, 2 and 4-step sampling visit keeps every step count usable. The result is a
+timesteps that 1, 2 and 4-step sampling visit keeps every step count usable. With
+``onestep.rollout`` a sample at a later timestep noises the student's own (detached) one-step
+estimate instead of z0, which is what a 2- or 4-step sampler feeds it, so the later steps learn to
+correct the first estimate rather than to trust it. The result is a
 'distill'-kind checkpoint, so the dual-path pipeline, guidance and fusion use it unchanged.
 """
 from __future__ import annotations
@@ -124,11 +127,19 @@ class OneStepTask(LDMTask):
         u = torch.rand(b, generator=generator, device=generator.device).cpu()
         t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
         noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
-        x_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        out = self.trainer.net("student")(x_t, t, cond)
-        clip = clip_ranges(t.cpu(), omega.cpu(), c).to(dev) if c.lcm.dynamic_clip else None
-        z = consistency_output(out.float(), x_t, t, self.alphas_cumprod, c.diffusion.prediction_type,
-                               timestep_scaling=c.lcm.timestep_scaling, clip_range=clip)
+        start = z0
+        if o.rollout:  # later steps start from the student's own first estimate, as in sampling
+            first_noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+            later = t < self.timesteps[0]
+            if bool(later.any()):
+                with torch.no_grad():
+                    t_first = torch.full_like(t[later], int(self.timesteps[0]))
+                    z_first = self._estimate(self.unet, add_noise(z0[later], first_noise[later], t_first,
+                                                                  self.alphas_cumprod), t_first, cond[later], omega[later])
+                start = z0.clone()
+                start[later] = z_first.to(start.dtype)
+        x_t = add_noise(start, noise, t, self.alphas_cumprod)
+        z = self._estimate(self.trainer.net("student"), x_t, t, cond, omega)
         latent_only = step <= o.latent_only_steps
         loss = (1.0 if latent_only else o.latent_weight) * F.mse_loss(z, z0)
         logs = {"latent_mse": float(F.mse_loss(z.detach(), z0))}
@@ -143,6 +154,14 @@ class OneStepTask(LDMTask):
                 logs["ms_ssim"] = float(sim.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    def _estimate(self, net, x_t, t, cond, omega):
+        """What one LCM step returns at t: the boundary-condition output with the sampler's clipping."""
+        c = self.cfg
+        out = net(x_t, t, cond)
+        clip = clip_ranges(t.cpu(), omega.cpu(), c).to(x_t.device) if c.lcm.dynamic_clip else None
+        return consistency_output(out.float(), x_t, t, self.alphas_cumprod, c.diffusion.prediction_type,
+                                  timestep_scaling=c.lcm.timestep_scaling, clip_range=clip)
 
     def after_optimizer_step(self, step):
         update_ema(self.ema, self.unet, self.cfg.train.ema_decay if step > 1 else 0.0)

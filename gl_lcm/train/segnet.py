@@ -1,18 +1,22 @@
 """Lung segmentation U-Net training task: any folder of (image, mask) pairs.
 
-Images come from data.cxr_dir and masks (0/255, same stems) from data.mask_dir; the split
+Images come from data.cxr_dir and masks (0/255, same stems) from one folder per output
+convention (segmentation.outputs: visible -> data.mask_dir, full -> data.full_mask_dir); the split
 lists restrict them when present (JSRT/SCR, Montgomery or Shenzhen masks all fit this layout).
-Loss: binary cross-entropy + soft Dice. Augmentation: random horizontal flips.
+Loss: binary cross-entropy + soft Dice, averaged over the outputs. Augmentation
+(segmentation.augment): :func:`gl_lcm.data.augment.augment_films`; off: random horizontal flips.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from gl_lcm.config import Config, resolve_data_path
+from gl_lcm.data.augment import augment_films
 from gl_lcm.data.io import list_images, read_image, to_tensor
 from gl_lcm.data.pairs import read_split, resize_image
 from gl_lcm.data.datasets import split_list_path
@@ -22,34 +26,41 @@ from gl_lcm.utils.plotting import save_grid
 
 
 class ImageMaskPairs(Dataset):
-    """dict(image=1 x S x S in [-1, 1], mask=1 x S x S in {0, 1}, stem)."""
+    """dict(image=1 x S x S in [-1, 1], mask=K x S x S in {0, 1} (one per output), stem)."""
 
-    def __init__(self, items: list[tuple[str, Path, Path]], size: int):
+    def __init__(self, items: list[tuple[str, Path, list[Path]]], size: int):
         self.items, self.size = items, size
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        stem, img_path, mask_path = self.items[i]
+        stem, img_path, mask_paths = self.items[i]
         image, _ = read_image(img_path)
-        mask, _ = read_image(mask_path, allow_constant=True)
+        masks = [resize_image(read_image(p, allow_constant=True)[0], self.size, is_mask=True) for p in mask_paths]
         return {"image": to_tensor(resize_image(image, self.size)),
-                "mask": torch.from_numpy(resize_image(mask, self.size, is_mask=True)).float()[None], "stem": stem}
+                "mask": torch.from_numpy(np.stack(masks)).float(), "stem": stem}
 
 
-def image_mask_items(cfg: Config, split: str) -> list[tuple[str, Path, Path]]:
-    """(stem, image, mask) for a split; every image of the split must have a mask."""
-    if not cfg.data.mask_dir:
-        raise ValueError("data.mask_dir is empty: train-seg needs a folder of lung masks")
+MASK_DIR_KEYS = {"visible": "mask_dir", "full": "full_mask_dir"}
+
+
+def image_mask_items(cfg: Config, split: str) -> list[tuple[str, Path, list[Path]]]:
+    """(stem, image, [mask per output]) for a split; every image of the split must have its masks."""
     images = list_images(resolve_data_path(cfg, cfg.data.cxr_dir))
-    masks = list_images(resolve_data_path(cfg, cfg.data.mask_dir))
+    mask_sets = []
+    for output in cfg.segmentation.outputs:
+        key = MASK_DIR_KEYS[output]
+        if not getattr(cfg.data, key):
+            raise ValueError(f"data.{key} is empty: train-seg needs the masks of the '{output}' output "
+                             f"(segmentation.outputs={cfg.segmentation.outputs})")
+        mask_sets.append(list_images(resolve_data_path(cfg, getattr(cfg.data, key))))
     path = split_list_path(cfg, split)
     stems = read_split(path) if path.is_file() else sorted(images)
-    missing = [s for s in stems if s not in images or s not in masks]
+    missing = [s for s in stems if s not in images or any(s not in m for m in mask_sets)]
     if missing:
         raise ValueError(f"{len(missing)} images or masks missing for split '{split}': {', '.join(missing[:10])}")
-    return [(s, images[s], masks[s]) for s in stems]
+    return [(s, images[s], [m[s] for m in mask_sets]) for s in stems]
 
 
 def dice_score(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -83,9 +94,12 @@ class SegNetTask(TrainTask):
 
     def micro_step(self, batch, step, generator):
         x, y = batch["image"], batch["mask"]
-        flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
+        if self.cfg.segmentation.augment:
+            x, y = augment_films(x, y, generator)
+        else:
+            flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
         logits = self.trainer.net("segnet")(x)
         bce = F.binary_cross_entropy_with_logits(logits.float(), y)
         dice = dice_score(torch.sigmoid(logits.float()), y).mean()
@@ -99,10 +113,11 @@ class SegNetTask(TrainTask):
         x = torch.stack([it["image"] for it in items]).to(self.trainer.device)
         y = torch.stack([it["mask"] for it in items]).to(self.trainer.device)
         p = (torch.sigmoid(self.net(x).float()) > 0.5).float()
-        to01 = lambda t: t[:, 0].cpu().numpy()
+        to01 = lambda t, k=0: t[:, k].cpu().numpy()
         rows = [[(a + 1) / 2, b, c] for a, b, c in zip(to01(x)[:4], to01(p)[:4], to01(y)[:4])]
         save_grid(out_dir / f"seg_step_{step:08d}.png", rows, labels=["image", "predicted", "truth"])
-        return {"dice": float(dice_score(p, y).mean())}
+        return {f"dice_{name}": float(dice_score(p[:, k:k + 1], y[:, k:k + 1]).mean())
+                for k, name in enumerate(self.cfg.segmentation.outputs)}
 
 
 def train_segnet(cfg: Config, resume: str = "auto", progress: bool = True) -> dict[str, float]:
