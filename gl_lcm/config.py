@@ -170,7 +170,8 @@ class SegmentationConfig:
     mask_threshold: float = opt(0.0, "method 'folder': a mask pixel is lung when its value as a fraction of full scale "
                                      "is >= this; 0 = any nonzero pixel (also 0/1 masks); published 1.0 (255 of 255)",
                                 min=0.0, max=1.0)
-    image_size: int = opt(256, "input size of the segmentation U-Net", min=16)
+    image_size: int = opt(256, "input size of the segmentation U-Net when training it (inference uses the size stored "
+                               "in the checkpoint)", min=16)
     base_channels: int = opt(16, "segmentation U-Net base channels", min=1)
     depth: int = opt(4, "segmentation U-Net downsamplings", min=1)
     outputs: list = opt(["visible"], "U-Net output channels, one lung convention each: visible (the lung not hidden "

@@ -4,7 +4,8 @@
 
 - ``"classical"``: training-free image processing (:mod:`gl_lcm.segmentation.classical`);
 - ``"unet"``: a segmentation net (any ``nn.Module`` mapping B x 1 x H x W in [-1, 1] to
-  logits, e.g. :class:`gl_lcm.models.segnet.LungSegNet`), as in the published pipeline;
+  B x K x H x W logits, e.g. :class:`gl_lcm.models.segnet.LungSegNet`); ``channel`` picks one of
+  its K outputs, one per lung convention (``segmentation.outputs``: visible / full);
 - ``"folder"``: precomputed masks ``<mask_dir>/<stem>.png`` (e.g. a dataset's ``Mask/``);
 - ``"pretrained"``: the ``lungs-segmentation`` package's published ResNet34 U-Net
   (:mod:`gl_lcm.models.published_lungseg`), run as published (512 px, sigmoid > 0.2).
