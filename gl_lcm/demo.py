@@ -157,7 +157,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     times: dict[str, float] = {}
     sampling: dict[str, float] = {}
     extra: dict[str, dict] = {}
-    ddpm_n = 2 if fast else 4
+    ddpm_n = 2  # 1000 UNet calls per image: two images give its time and a metric subset
     # (model, sampler, steps, local-path guidance). LEG re-injects fresh noise at every step, which
     # averages out over 50 steps but not over 1-4, so few-step rows use the plain local prediction.
     methods = [
