@@ -4,7 +4,6 @@ choice of lung convention (visible / full) at inference."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys

@@ -121,7 +121,7 @@ class OneStepTask(LDMTask):
         return {"student": {"modules": ["student"], "lr": self.cfg.train.lr}}
 
     def micro_step(self, batch, step, generator):
-        c, o = self.cfg, self.cfg.onestep
+        o = self.cfg.onestep
         z0, cond, image, omega = batch["target"], batch["cond"], batch["image"], batch["omega"]
         b, dev = z0.shape[0], z0.device
         u = torch.rand(b, generator=generator, device=generator.device).cpu()
