@@ -31,6 +31,7 @@ from gl_lcm.data.io import list_images, read_image  # noqa: E402
 from gl_lcm.data.phantom import generate_phantom  # noqa: E402
 from gl_lcm.data.variants import VARIANTS  # noqa: E402
 from gl_lcm.segmentation import NoLungFoundError, segment_lungs  # noqa: E402
+from gl_lcm.segmentation.learned import convention_channel  # noqa: E402
 
 SOURCES = {"jsrt": "visible", "jsrt-equalized": "visible", "shenzhen": "visible", "covid": "full"}
 
@@ -48,10 +49,16 @@ def make_segmenters(args) -> dict:
 
         model, cfg = load_segnet(args.segnet, "cpu")
         outputs, size = cfg.segmentation.outputs, cfg.segmentation.image_size
+        channels = {}
+        for conv in sorted(set(SOURCES.values())):
+            try:
+                channels[conv] = convention_channel(outputs, conv, args.segnet)
+            except ValueError as exc:  # score what the net has, and say so
+                channels[conv] = 0
+                print(f"note: {exc}; its '{outputs[0]}' output is scored for the '{conv}' sources", file=sys.stderr)
 
         def unet(img, conv, name):
-            channel = outputs.index(conv) if conv in outputs else 0
-            return segment_lungs(img, "unet", model=model, image_size=size, channel=channel, name=name)
+            return segment_lungs(img, "unet", model=model, image_size=size, channel=channels[conv], name=name)
         out["unet"] = unet
     if args.lungs_segmentation:
         from gl_lcm.models.published_lungseg import load_published_lungseg

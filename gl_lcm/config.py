@@ -179,11 +179,11 @@ class SegmentationConfig:
                                      "full (to the rib cage, behind the heart included, as the COVID outlines; "
                                      "masks in data.full_mask_dir)")
     convention: str = opt("visible", "which U-Net output segment/suppress use (must be one of the checkpoint's "
-                                     "segmentation.outputs)", choices=["visible", "full"])
+                                     "segmentation.outputs)", choices=list(SEG_CONVENTIONS))
     normalize_input: bool = opt(True, "U-Net: map each film's 1st-99th intensity percentiles to [-1, 1] before the "
                                       "net (exposure, gamma and window independence)")
-    augment: bool = opt(True, "train-seg: random scale, rotation, shift, gamma, contrast, borders, burned-in marks "
-                              "and flips (off: flips only)")
+    augment: bool = opt(True, "train-seg: random scale, rotation, shift, gamma, contrast, noise, borders and "
+                              "burned-in marks, no flips (off: random horizontal flips only)")
     min_area: int = opt(100, "drop mask components smaller than this many pixels at 1024x1024 (scaled with resolution)", min=0)
     cache: bool = opt(True, "cache masks on disk so a rerun does not recompute them")
 

@@ -55,14 +55,12 @@ class Segmenter:
                 raise ValueError("segmentation.method is 'unet' but checkpoints.segnet is empty: train one with "
                                  "`gl-lcm train-seg` or use segmentation.method=classical")
             self.device = device if device is not None else resolve_device(cfg.device)
+            from gl_lcm.segmentation.learned import convention_channel
+
             self.model, net_cfg = load_segnet(cfg.checkpoints.segnet, self.device)
             self.net_size = net_cfg.segmentation.image_size
-            outputs = net_cfg.segmentation.outputs
-            if cfg.segmentation.convention not in outputs:
-                raise ValueError(f"segmentation.convention={cfg.segmentation.convention} but the U-Net "
-                                 f"{cfg.checkpoints.segnet} predicts only {outputs}: set segmentation.convention "
-                                 f"to one of them or train a net with that output")
-            self.channel = outputs.index(cfg.segmentation.convention)
+            self.channel = convention_channel(net_cfg.segmentation.outputs, cfg.segmentation.convention,
+                                              cfg.checkpoints.segnet)
         if cfg.segmentation.method == "pretrained":
             from gl_lcm.models.published_lungseg import load_published_lungseg
             from gl_lcm.utils.dist import resolve_device

@@ -22,6 +22,7 @@ patient, so a model trained here can be evaluated on them (e.g. ``real-cxr/seg/c
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections import defaultdict
@@ -32,7 +33,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from gl_lcm.utils.atomic import atomic_path, atomic_write_text
+from gl_lcm.data.io import write_png
+from gl_lcm.utils.atomic import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,13 +63,6 @@ def _read_mask(path: Path) -> np.ndarray:
     if mask is None:
         raise ValueError(f"cannot decode {path}")
     return (mask[..., :3].max(axis=-1) if mask.ndim == 3 else mask) > 0
-
-
-def _write(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), image):
-            raise OSError(f"cannot write {path}")
 
 
 def _paste_masks(repo: Path, rows: dict, classes: tuple, shape: tuple) -> np.ndarray:
@@ -127,10 +122,10 @@ def prepare_covid_lung_set(repo_dir: PathLike, out_dir: PathLike, exclude: Itera
         scale = min(1.0, max_side / max(image.shape))
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         stem = _safe_stem(name)
-        _write(out / "CXR" / f"{stem}.png", cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+        write_png(out / "CXR" / f"{stem}.png", cv2.resize(image, size, interpolation=cv2.INTER_AREA) / 255.0)
         for folder, mask in (("MaskFull", lungs), ("Mask", lungs & ~heart)):
-            small = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST)
-            _write(out / folder / f"{stem}.png", small)
+            small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            write_png(out / folder / f"{stem}.png", small.astype(np.float32))
         m = meta.get(name, {})
         rows.append([stem, name, patient[name], m.get("view", ""), m.get("license", "") or "not stated"])
         stems_by_patient[patient[name]].append(stem)
@@ -143,8 +138,11 @@ def prepare_covid_lung_set(repo_dir: PathLike, out_dir: PathLike, exclude: Itera
     train = sorted(s for p in order[n_val:] for s in stems_by_patient[p])
     atomic_write_text(out / "train.txt", "".join(s + "\n" for s in train))
     atomic_write_text(out / "val.txt", "".join(s + "\n" for s in val))
-    lines = ["stem,original_file,patient,view,licence"] + [",".join(f'"{v}"' for v in r) for r in rows]
-    atomic_write_text(out / "sources.csv", "\n".join(lines) + "\n")
+    table = io.StringIO()
+    writer = csv.writer(table, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    table.write("stem,original_file,patient,view,licence\n")
+    writer.writerows(rows)
+    atomic_write_text(out / "sources.csv", table.getvalue())
     return {"train": len(train), "val": len(val), "excluded": left_out, "patients": len(patients)}
 
 
@@ -159,9 +157,9 @@ def add_phantoms(out_dir: PathLike, n: int, size: int = 256, seed: int = 100_000
     for i in range(n):
         p = generate_phantom(size, seed + i)
         stem = f"phantom_{seed + i}"
-        _write(out / "CXR" / f"{stem}.png", np.round(p.cxr * 255).astype(np.uint8))
+        write_png(out / "CXR" / f"{stem}.png", np.round(p.cxr * 255) / 255.0)  # float32 rounding, as before
         for folder in ("Mask", "MaskFull"):
-            _write(out / folder / f"{stem}.png", p.lung_mask.astype(np.uint8) * 255)
+            write_png(out / folder / f"{stem}.png", p.lung_mask.astype(np.float32))
         stems.append(stem)
     train = out / "train.txt"
     listed = train.read_text().split() if train.is_file() else []

@@ -86,6 +86,17 @@ def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int
     return postprocess_mask(prob, threshold=0.5, min_area=min_area, name=name)
 
 
+def convention_channel(outputs, convention: str, checkpoint: PathLike) -> int:
+    """Index of ``convention`` among a segmentation net's ``outputs`` (its ``segmentation.outputs``).
+
+    Raises ValueError naming the checkpoint, the convention and what the net predicts.
+    """
+    if convention not in outputs:
+        raise ValueError(f"segmentation.convention={convention} but the U-Net {checkpoint} predicts only "
+                         f"{list(outputs)}: set segmentation.convention to one of them or train a net with that output")
+    return list(outputs).index(convention)
+
+
 def _forward_in_eval_mode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """model(x) in eval mode (batch-norm statistics frozen), leaving the model's mode as it was."""
     was_training = model.training

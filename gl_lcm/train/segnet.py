@@ -113,7 +113,7 @@ class SegNetTask(TrainTask):
         x = torch.stack([it["image"] for it in items]).to(self.trainer.device)
         y = torch.stack([it["mask"] for it in items]).to(self.trainer.device)
         p = (torch.sigmoid(self.net(x).float()) > 0.5).float()
-        to01 = lambda t, k=0: t[:, k].cpu().numpy()
+        to01 = lambda t: t[:, 0].cpu().numpy()
         rows = [[(a + 1) / 2, b, c] for a, b, c in zip(to01(x)[:4], to01(p)[:4], to01(y)[:4])]
         save_grid(out_dir / f"seg_step_{step:08d}.png", rows, labels=["image", "predicted", "truth"])
         return {f"dice_{name}": float(dice_score(p[:, k:k + 1], y[:, k:k + 1]).mean())
