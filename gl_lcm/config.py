@@ -126,6 +126,9 @@ class LCMConfig:
     global_omega: float = opt(2.0, "clip base for the global path (SZCH 2.0, JSRT 1.7)", min=0.0)
     local_omega: float = opt(3.5, "clip base for the local path (SZCH 3.5, JSRT 3.0)", min=0.0)
     clip_b: float = opt(0.025, "clip growth per step", min=0.0)
+    step_schedules: list = opt([], "ours: explicit timesteps (strictly descending, in [0, T-1]) for some step counts, "
+                                   "e.g. [[999, 259]]: sampling with as many steps as an entry has uses it instead of "
+                                   "the grid's even spacing; a one-step student is trained on and carries its own")
 
 
 @dataclass
@@ -156,6 +159,9 @@ class OneStepConfig:
     pixel_weight: float = opt(1.0, "weight of the MSE between the decoded estimate and the ground-truth image", min=0.0)
     msssim_weight: float = opt(0.1, "weight of (1 - MS-SSIM) between the decoded estimate and the image", min=0.0)
     latent_weight: float = opt(0.05, "weight of the MSE between the latent estimate and the target latent", min=0.0)
+    bsr_weight: float = opt(0.0, "weight of 1 - BSR of the decoded estimate (the published bone suppression ratio per "
+                                 "image: the bone left where the estimate is darker than the truth, over the "
+                                 "image's bone energy)", min=0.0)
     rollout: bool = opt(False, "samples at the later timesteps of 2/4-step sampling noise the student's own one-step "
                                "estimate (as sampling does) instead of the ground-truth latent, so later steps learn "
                                "to correct it")
@@ -460,6 +466,18 @@ def check_consistency(cfg: Config, source: str = "") -> None:
         raise ConfigError(f"lcm.num_inference_steps={lcm.num_inference_steps} is greater than "
                           f"lcm.original_inference_steps={lcm.original_inference_steps}{where}: LCM timesteps are "
                           f"taken from that grid; lower the steps or raise the grid")
+    from gl_lcm.diffusion.lcm import check_custom_timesteps
+
+    lengths = [len(s) if isinstance(s, list) else -1 for s in lcm.step_schedules]
+    for schedule in lcm.step_schedules:
+        try:
+            check_custom_timesteps(schedule if isinstance(schedule, list) else [], d.num_train_timesteps)
+        except ValueError as err:
+            raise ConfigError(f"lcm.step_schedules entry {schedule!r}{where}: {err} "
+                              f"(diffusion.num_train_timesteps={d.num_train_timesteps})") from None
+    if len(set(lengths)) != len(lengths):
+        raise ConfigError(f"lcm.step_schedules={lcm.step_schedules}{where} has two schedules of the same length: "
+                          f"sampling picks the schedule by its step count")
     if d.beta_schedule in ("linear", "scaled_linear") and d.beta_start >= d.beta_end:
         raise ConfigError(f"diffusion.beta_start={d.beta_start} must be smaller than diffusion.beta_end={d.beta_end}"
                           f"{where} (noise must grow with t)")

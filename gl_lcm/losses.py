@@ -149,6 +149,27 @@ def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
+# --------------------------------------------------------------------------- bone suppression
+
+
+def bone_residual_loss(cxr: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - BSR`` per image as a differentiable loss, mean over the batch (scalar).
+
+    The published BSR (``gl_lcm.metrics.bsr``): ``pred' = pred + mean(gt - pred)`` per image,
+    ``residual = max(gt - pred', 0)``, ``1 - BSR = sum(residual^2) / sum((cxr - gt)^2)``. Both sums
+    scale alike, so images in [-1, 1] give the same value as in [0, 1]. ``eps`` guards an image
+    without bone (a local-path item whose mask is empty). cxr, gt, pred: B x C x H x W in [-1, 1].
+    """
+    if not (cxr.shape == gt.shape == pred.shape) or pred.ndim != 4:
+        raise ValueError(f"bone_residual_loss needs three B x C x H x W tensors of equal shape, got "
+                         f"{tuple(cxr.shape)}, {tuple(gt.shape)}, {tuple(pred.shape)}")
+    cxr, gt, pred = cxr.float(), gt.float(), pred.float()
+    shifted = pred + (gt - pred).mean(dim=(1, 2, 3), keepdim=True)
+    residual = F.relu(gt - shifted).pow(2).sum(dim=(1, 2, 3))
+    bone = (cxr - gt).pow(2).sum(dim=(1, 2, 3))
+    return (residual / bone.clamp_min(eps)).mean()
+
+
 # --------------------------------------------------------------------------- GAN losses
 
 

@@ -34,7 +34,8 @@ def make_scheduler(cfg: Config) -> LCMScheduler:
     d = cfg.diffusion
     return LCMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                         beta_schedule=d.beta_schedule, original_inference_steps=cfg.lcm.original_inference_steps,
-                        prediction_type=d.prediction_type, timestep_scaling=cfg.lcm.timestep_scaling)
+                        prediction_type=d.prediction_type, timestep_scaling=cfg.lcm.timestep_scaling,
+                        step_schedules=cfg.lcm.step_schedules)
 
 
 def image_generators(seed: int, names: Sequence[str]) -> list[torch.Generator]:
@@ -293,17 +294,19 @@ def sampling_config(cfg: Config, denoiser_cfg: Config) -> Config:
     """``cfg`` with the denoiser's own prediction type (from its checkpoint): the sampler must read the
     network's output the way it was trained (a one-step student predicts x0, its teacher epsilon).
     A denoiser that predicts x0 (``sample``: the one-step students of gl_lcm.train.onestep) is also
-    sampled with the dynamic-clipping setting it was trained with."""
+    sampled with the dynamic-clipping setting and the ``lcm.step_schedules`` it was trained with."""
     import copy
 
     d = denoiser_cfg
     x0 = d.diffusion.prediction_type == "sample"
-    if cfg.diffusion.prediction_type == d.diffusion.prediction_type and not (x0 and cfg.lcm.dynamic_clip != d.lcm.dynamic_clip):
+    same = cfg.diffusion.prediction_type == d.diffusion.prediction_type
+    if same and not (x0 and (cfg.lcm.dynamic_clip, cfg.lcm.step_schedules) != (d.lcm.dynamic_clip, d.lcm.step_schedules)):
         return cfg
     out = copy.deepcopy(cfg)
     out.diffusion.prediction_type = d.diffusion.prediction_type
     if x0:
         out.lcm.dynamic_clip = d.lcm.dynamic_clip
+        out.lcm.step_schedules = copy.deepcopy(d.lcm.step_schedules)
     return out
 
 

@@ -37,6 +37,21 @@ class Mutant:
 
 
 MUTANTS = [
+    Mutant("one-step: the BSR term takes its bone from the unmasked film on the local path",
+           "gl_lcm/train/onestep.py",
+           '"image": masked(pair["bs"][None], mask)[0], "cxr": masked(pair["cxr"][None], mask)[0],',
+           '"image": masked(pair["bs"][None], mask)[0], "cxr": pair["cxr"],',
+           ("tests/test_onestep.py",)),
+    Mutant("one-step: a student sampled without the step schedules it was trained on",
+           "gl_lcm/pipeline.py",
+           "        out.lcm.step_schedules = copy.deepcopy(d.lcm.step_schedules)",
+           "        pass",
+           ("tests/test_onestep.py",)),
+    Mutant("LCM: a step schedule of length n ignored by set_timesteps(n)",
+           "gl_lcm/diffusion/lcm.py",
+           "        if timesteps is None and num_inference_steps in self.step_schedules:",
+           "        if False:",
+           ("tests/test_lcm_scheduler.py",)),
     Mutant("dual path: clip index from the sampler's own step count",
            "gl_lcm/pipeline.py",
            "        clip = clip_at(t) if clip_at is not None else None",

@@ -74,6 +74,10 @@ def test_shipped_configs_load_and_document_every_key(path):
     (["lcm.global_omega=0"], r"lcm.global_omega=0.0 must be positive while lcm.dynamic_clip is true"),
     (["lcm.local_omega=0"], r"lcm.local_omega=0.0 must be positive"),
     (["segmentation.image_size=100"], r"segmentation.image_size=100 is not divisible by 2\^segmentation.depth=16"),
+    (["lcm.step_schedules=[[999, 999]]"], r"lcm.step_schedules entry \[999, 999\].*strictly descending"),
+    (["diffusion.num_train_timesteps=500", "lcm.step_schedules=[[999, 99]]"],
+     r"lcm.step_schedules entry \[999, 99\].*within \[0, 499\].*diffusion.num_train_timesteps=500"),
+    (["lcm.step_schedules=[[999, 99], [899, 9]]"], r"lcm.step_schedules=.*two schedules of the same length"),
 ])
 def test_cross_checks_name_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -233,3 +233,41 @@ def test_step_index_bookkeeping_and_errors():
         scheduler.step(sample, 123, sample)
     with pytest.raises(ValueError, match="prediction_type"):
         LCMScheduler(prediction_type="x_start")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("schedule", [[999, 259], [999, 499, 259, 99], [999]])
+def test_custom_step_schedule_matches_diffusers_custom_timesteps(prediction_type, schedule):
+    """step_schedules (ours, per step count) and set_timesteps(timesteps=...) step exactly like diffusers'
+    LCMScheduler.set_timesteps(timesteps=...); other step counts keep the grid's even spacing."""
+    ours = LCMScheduler(prediction_type=prediction_type, step_schedules=[schedule, [899, 499, 99]])
+    theirs = DiffusersLCMScheduler(prediction_type=prediction_type)
+    ours.set_timesteps(len(schedule))
+    theirs.set_timesteps(timesteps=schedule)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() == schedule
+    data = torch.Generator().manual_seed(3)
+    x_ours = x_theirs = torch.randn(SHAPE, generator=data)
+    g_ours, g_theirs = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for t in schedule:
+        out = torch.randn(SHAPE, generator=data)
+        mine, reference = ours.step(out, t, x_ours, generator=g_ours), theirs.step(out, t, x_theirs, generator=g_theirs)
+        torch.testing.assert_close(mine.denoised, reference.denoised, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.prev_sample, reference.prev_sample, rtol=1e-5, atol=1e-5)
+        x_ours, x_theirs = mine.prev_sample, reference.prev_sample
+
+    explicit = LCMScheduler(prediction_type=prediction_type)
+    explicit.set_timesteps(timesteps=schedule)
+    assert explicit.timesteps.tolist() == schedule
+    ours.set_timesteps(2 if len(schedule) != 2 else 4)  # no schedule of that length: the grid's spacing
+    theirs.set_timesteps(2 if len(schedule) != 2 else 4)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    ours.set_timesteps(3)
+    assert ours.timesteps.tolist() == [899, 499, 99]
+
+
+@pytest.mark.parametrize("bad", [[999, 999], [1000, 5], [5, 999], [], [999, 2.5]])
+def test_custom_step_schedule_rejects_bad_timesteps(bad):
+    with pytest.raises(ValueError, match="custom LCM timesteps"):
+        LCMScheduler(step_schedules=[bad])
+    with pytest.raises(ValueError, match="custom LCM timesteps"):
+        LCMScheduler().set_timesteps(timesteps=bad)

@@ -229,3 +229,40 @@ def test_vqgan_discriminator_loss_published_scaling():
     loss.backward()
     assert y_grad.grad is None  # reconstruction is detached for the discriminator step
     assert disc.model[0].weight.grad.abs().sum() > 0
+
+
+def test_bone_residual_loss_is_one_minus_the_published_bsr_per_image():
+    """bone_residual_loss on [-1, 1] tensors = mean over images of 1 - BSR, with BSR computed here in plain
+    numpy on [0, 1] images (mean shift, one-sided residual, over the bone energy) and by gl_lcm.metrics.bsr;
+    its gradient is zero where the shifted prediction is brighter than the truth."""
+    import numpy as np
+
+    from gl_lcm.losses import bone_residual_loss
+    from gl_lcm.metrics import bsr
+
+    gt = _smooth_images(3, 32, 40, seed=1) * 0.8
+    cxr = (gt + 0.3 * _smooth_images(3, 32, 40, seed=2).abs()).clamp(-1, 1)
+    pred = (gt + 0.2 * _smooth_images(3, 32, 40, seed=3) + 0.05).clamp(-1, 1).requires_grad_(True)
+    loss = bone_residual_loss(cxr, gt, pred)
+
+    expected = []
+    for c, g, p in zip(*(((x.detach()[:, 0].double().numpy() + 1) / 2) for x in (cxr, gt, pred))):
+        shifted = p + (g - p).mean()
+        expected.append(np.sum(np.maximum(g - shifted, 0) ** 2) / np.sum((c - g) ** 2))
+        assert abs(expected[-1] - (1 - bsr(c, g, p))) < 1e-12
+    assert abs(float(loss.detach()) - float(np.mean(expected))) < 1e-5
+    assert 0.01 < float(loss.detach()) < 1
+
+    loss.backward()  # the gradient matches central differences of the numpy formula
+    def reference(p_img, k):
+        c, g, p01 = ((x[k, 0].double().numpy() + 1) / 2 for x in (cxr, gt, p_img))
+        shifted = p01 + (g - p01).mean()
+        return np.sum(np.maximum(g - shifted, 0) ** 2) / np.sum((c - g) ** 2) / len(cxr)
+    for k, i, j in ((0, 5, 7), (1, 20, 3), (2, 31, 39)):
+        bumped = [pred.detach().double().clone() for _ in range(2)]
+        bumped[0][k, 0, i, j] += 1e-4
+        bumped[1][k, 0, i, j] -= 1e-4
+        fd = (reference(bumped[0], k) - reference(bumped[1], k)) / 2e-4
+        assert abs(float(pred.grad[k, 0, i, j]) - fd) < 1e-3 * abs(fd) + 1e-9
+    with pytest.raises(ValueError, match="equal shape"):
+        bone_residual_loss(cxr, gt, pred[:, :, :16])

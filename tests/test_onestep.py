@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import LCMScheduler as Reference
 
 from gl_lcm.config import load_config
@@ -20,6 +21,10 @@ def test_sampler_timesteps_are_the_union_of_diffusers_lcm_timesteps():
         union |= set(s.timesteps.tolist())
     assert sampler_timesteps([1, 2, 4], 1000, 50) == sorted(union, reverse=True) == [999, 759, 499, 259]
     assert sampler_timesteps([1], 1000, 50) == [999]
+    # lcm.step_schedules replace the spacing of the step counts they have: 2 -> [999, 259], 4 stays
+    assert sampler_timesteps([1, 2, 4], 1000, 50, [[999, 259]]) == [999, 759, 499, 259]
+    assert sampler_timesteps([1, 2], 1000, 50, [[999, 259]]) == [999, 259]
+    assert sampler_timesteps([1, 2, 4], 1000, 50, [[999, 259], [999, 499, 259, 99]]) == [999, 499, 259, 99]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -62,16 +67,33 @@ def test_sampling_reads_the_denoisers_own_output_type(tmp_path):
     from gl_lcm.pipeline import GLLCMPipeline, sampling_config
 
     teacher_cfg = tiny_config()
-    student_cfg = tiny_config(["diffusion.prediction_type=sample", "lcm.dynamic_clip=false"])
+    student_cfg = tiny_config(["diffusion.prediction_type=sample", "lcm.dynamic_clip=false",
+                               "lcm.step_schedules=[[999, 259]]"])
     paths = write_tiny_checkpoints(tmp_path / "t", teacher_cfg)
     student_paths = write_tiny_checkpoints(tmp_path / "s", student_cfg)
     use = tiny_config([f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={student_paths['student']}",
                        f"checkpoints.teacher={paths['teacher']}", "lcm.dynamic_clip=true"])
     student = GLLCMPipeline.from_config(use, model="student")
     assert student.cfg.diffusion.prediction_type == "sample" and student.cfg.lcm.dynamic_clip is False
+    assert student.cfg.lcm.step_schedules == [[999, 259]]  # the schedule it was trained on travels with it
+    seen = []
+
+    def recording(x, t, cond):
+        seen.append(sorted(set(t.tolist())))
+        return torch.zeros_like(x)
+
+    from gl_lcm.pipeline import dual_path_sample
+    cond = torch.zeros(1, 4, 4, 4)
+    gens = [torch.Generator().manual_seed(0)]
+    for steps, expected in ((2, [[999], [259]]), (4, [[999], [759], [499], [259]]), (1, [[999]])):
+        seen.clear()
+        dual_path_sample(recording, cond, cond, student.cfg, steps, gens, guidance_mode="vanilla")
+        assert seen == expected
     teacher = GLLCMPipeline.from_config(use, model="teacher")
     assert teacher.cfg.diffusion.prediction_type == "epsilon" and teacher.cfg.lcm.dynamic_clip is True
+    assert teacher.cfg.lcm.step_schedules == []
     assert use.diffusion.prediction_type == "epsilon" and use.lcm.dynamic_clip is True  # the caller's config untouched
+    assert use.lcm.step_schedules == []
     eps_no_clip = tiny_config(["lcm.dynamic_clip=false"])
     assert sampling_config(use, eps_no_clip) is use  # an epsilon denoiser's training clip setting is not imposed
 
@@ -125,3 +147,67 @@ def test_rollout_feeds_later_timesteps_the_students_own_noised_estimate():
     assert torch.equal(t_seen, t)
     torch.testing.assert_close(x_t, add_noise(start, noise, t, ac), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(x_t[later], add_noise(z0, noise, t, ac)[later], atol=1e-3)  # not the target's
+
+
+def test_bsr_term_scores_the_decoded_estimate_against_the_items_own_radiograph(tmp_path):
+    """onestep.bsr_weight adds w * (1 - BSR) of the decoded estimate, with the bone taken from the item's
+    own CXR: the whole film on the global path, the masked film on the local one (LatentImagePairs)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gl_lcm.data.datasets import masked
+    from gl_lcm.data.pairs import PairedDataset, find_pairs
+    from gl_lcm.data.phantom import write_phantom_dataset
+    from gl_lcm.diffusion.distill import consistency_output
+    from gl_lcm.diffusion.schedule import add_noise
+    from gl_lcm.losses import bone_residual_loss
+    from gl_lcm.metrics import bsr
+    from gl_lcm.train.onestep import LatentImagePairs, OneStepTask
+
+    write_phantom_dataset(tmp_path, n=2, size=32, seed=0)
+    pairs = find_pairs(tmp_path / "CXR", tmp_path / "BS", tmp_path / "Mask")
+    images = PairedDataset(pairs, 32, with_mask=True)
+    z = torch.zeros(2, 4, 8, 8)
+    data = LatentImagePairs({k: z for k in ("cxr", "bs", "masked_cxr", "masked_bs")}, images,
+                            ["global", "local"], {"global": 1.0, "local": 1.0})
+    glob, loc = data[0], data[1]
+    pair = images[0]
+    assert torch.equal(glob["cxr"], pair["cxr"]) and torch.equal(glob["image"], pair["bs"])
+    inside = pair["mask"] > 0.5
+    assert bool(inside.any()) and bool((~inside).any())
+    assert torch.equal(loc["cxr"], masked(pair["cxr"][None], pair["mask"][None])[0])
+    assert torch.all(loc["cxr"][~inside] == -1) and torch.equal(loc["cxr"][inside], pair["cxr"][inside])
+
+    cfg = load_config(None, ["diffusion.prediction_type=sample", "lcm.dynamic_clip=false", "onestep.bsr_weight=2.0",
+                             "onestep.pixel_weight=0", "onestep.msssim_weight=0", "onestep.latent_weight=0"])
+    d = cfg.diffusion
+    ac = alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end))
+
+    class Student(torch.nn.Module):
+        def forward(self, x_t, t, cond):
+            return 0.3 * x_t + cond
+
+    decoder = SimpleNamespace(decode=lambda lat: torch.tanh(F.interpolate(lat[:, :1], scale_factor=4)))
+    task = OneStepTask.__new__(OneStepTask)
+    task.cfg, task.alphas_cumprod, task.unet, task.vqgan = cfg, ac, Student(), decoder
+    task.trainer = SimpleNamespace(net=lambda name: task.unet)
+    task.timesteps, task.t_cdf = torch.tensor([999]), torch.tensor([1.0])
+    g = torch.Generator().manual_seed(3)
+    batch = {"target": torch.randn(2, 4, 8, 8, generator=g), "cond": torch.randn(2, 4, 8, 8, generator=g),
+             "image": torch.stack([glob["image"], loc["image"]]), "cxr": torch.stack([glob["cxr"], loc["cxr"]]),
+             "omega": torch.ones(2)}
+    loss, logs = task.micro_step(batch, step=1, generator=torch.Generator().manual_seed(4))
+
+    r = torch.Generator().manual_seed(4)
+    torch.rand(2, generator=r)
+    noise = torch.randn(2, 4, 8, 8, generator=r)
+    t = torch.full((2,), 999)
+    x_t = add_noise(batch["target"], noise, t, ac)
+    est = consistency_output(0.3 * x_t + batch["cond"], x_t, t, ac, "sample", timestep_scaling=cfg.lcm.timestep_scaling)
+    pred = decoder.decode(est).clamp(-1, 1)
+    to01 = lambda x: (x[0].double().numpy() + 1) / 2  # noqa: E731
+    want = np.mean([1 - bsr(to01(c), to01(gt), to01(p)) for c, gt, p in zip(batch["cxr"], batch["image"], pred)])
+    assert abs(float(loss) - 2.0 * want) < 1e-4
+    assert abs(logs["bsr"] - (1 - want)) < 1e-4
+    assert abs(float(loss) - 2.0 * float(bone_residual_loss(batch["cxr"], batch["image"], pred))) < 1e-5

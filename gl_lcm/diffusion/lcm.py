@@ -8,6 +8,7 @@ can clip each sample to its own range.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -78,6 +79,15 @@ def clamp_per_sample(x: Tensor, clip_range: Tensor | float) -> Tensor:
     return torch.maximum(torch.minimum(x, bound), -bound)
 
 
+def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
+    """Raise ValueError unless ``timesteps`` are integers, strictly descending, in [0, T-1]."""
+    ts = list(timesteps)
+    if not ts or any(isinstance(t, bool) or int(t) != t for t in ts):
+        raise ValueError(f"custom LCM timesteps must be a non-empty list of integers, got {ts}")
+    if any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
+        raise ValueError(f"custom LCM timesteps {ts} must be strictly descending within [0, {num_train_timesteps - 1}]")
+
+
 @dataclass
 class LCMSchedulerOutput:
     """Result of one LCM step: ``prev_sample`` (next x_t, B x C x h x w) and ``denoised`` (consistency x0 estimate)."""
@@ -113,6 +123,7 @@ class LCMScheduler:
         timestep_spacing: str = "leading",
         timestep_scaling: float = 10.0,
         sigma_data: float = 0.5,
+        step_schedules: Sequence[Sequence[int]] = (),
     ) -> None:
         if prediction_type not in VALID_PREDICTION_TYPES:
             raise ValueError(
@@ -136,6 +147,10 @@ class LCMScheduler:
         self.timestep_spacing = timestep_spacing
         self.timestep_scaling = timestep_scaling
         self.sigma_data = sigma_data
+        # ours: explicit timesteps for some step counts (set_timesteps(n) uses the one of length n)
+        for schedule in step_schedules:
+            check_custom_timesteps(schedule, num_train_timesteps)
+        self.step_schedules = {len(s): [int(t) for t in s] for s in step_schedules}
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
@@ -153,16 +168,33 @@ class LCMScheduler:
 
     def set_timesteps(
         self,
-        num_inference_steps: int,
+        num_inference_steps: int | None = None,
         device: torch.device | str | None = None,
         original_inference_steps: int | None = None,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         """Choose the sampling timesteps and reset the step index.
 
         The distillation grid is ``t_i = (i + 1) * k - 1`` (i = 0..N-1, k = T // N, N =
         original_inference_steps); ``num_inference_steps`` of its points, evenly spaced in index from the
         top, are used in descending order (N=50, T=1000, 4 steps -> [999, 759, 499, 259]).
+        ``timesteps`` (strictly descending, in [0, T-1]) are used as given instead, as diffusers'
+        ``set_timesteps(timesteps=...)``; so is the constructor's ``step_schedules`` entry of length
+        ``num_inference_steps`` when there is one.
         """
+        if timesteps is None and num_inference_steps in self.step_schedules:
+            timesteps = self.step_schedules[num_inference_steps]
+        if timesteps is not None:
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(timesteps)} timesteps given")
+            check_custom_timesteps(timesteps, self.num_train_timesteps)
+            self.timesteps = torch.tensor([int(t) for t in timesteps], device=device, dtype=torch.long)
+            self.num_inference_steps = len(timesteps)
+            self._step_index = None
+            self._begin_index = None
+            return
+        if num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps or timesteps")
         original_steps = (
             self.original_inference_steps if original_inference_steps is None else original_inference_steps
         )

@@ -9,6 +9,7 @@ task trains the *sampler's own computation* end to end against the ground-truth 
     x0  = clip(x0_from(model(x_t, t, cond)), +-(omega + b j))   the sampler's dynamic clipping at t
     z   = c_skip(t) x_t + c_out(t) x0                     LCM boundary condition (what one LCM step returns)
     loss = MSE(D(z), image) + w_ms (1 - MS-SSIM(D(z), image)) + w_lat MSE(z, z0)
+           + w_bsr (1 - BSR(cxr, image, D(z)))               the published bone suppression ratio per image
 
 (the first ``onestep.latent_only_steps`` steps use MSE(z, z0) alone: the decoder pass costs most of a
 step on the CPU). The student predicts x0 directly (``onestep.prediction_type: sample``): with an
@@ -38,18 +39,21 @@ from gl_lcm.data.pairs import PairedDataset
 from gl_lcm.diffusion.distill import consistency_output
 from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
 from gl_lcm.diffusion.schedule import add_noise
-from gl_lcm.losses import ms_ssim
+from gl_lcm.losses import bone_residual_loss, ms_ssim
 from gl_lcm.models.factory import load_denoiser, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask, psnr_batch
 from gl_lcm.train.loop import Trainer
 
 
-def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_steps: int) -> list[int]:
-    """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits."""
+def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_steps: int,
+                      step_schedules=()) -> list[int]:
+    """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits
+    (with ``step_schedules``, lcm.step_schedules, where one has that many steps)."""
     seen: set[int] = set()
     for n in step_counts:
-        s = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps)
+        s = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps,
+                         step_schedules=step_schedules)
         s.set_timesteps(int(n))
         seen.update(int(t) for t in s.timesteps.tolist())
     return sorted(seen, reverse=True)
@@ -83,9 +87,11 @@ class LatentImagePairs(Dataset):
         pair = self.images[i]
         if path == "global":
             return {"cond": self.latents["cxr"][i], "target": self.latents["bs"][i], "image": pair["bs"],
-                    "omega": torch.tensor(self.omegas["global"])}
+                    "cxr": pair["cxr"], "omega": torch.tensor(self.omegas["global"])}
+        mask = pair["mask"][None]
         return {"cond": self.latents["masked_cxr"][i], "target": self.latents["masked_bs"][i],
-                "image": masked(pair["bs"][None], pair["mask"][None])[0], "omega": torch.tensor(self.omegas["local"])}
+                "image": masked(pair["bs"][None], mask)[0], "cxr": masked(pair["cxr"][None], mask)[0],
+                "omega": torch.tensor(self.omegas["local"])}
 
 
 class OneStepTask(LDMTask):
@@ -96,7 +102,7 @@ class OneStepTask(LDMTask):
         cfg, o = self.cfg, self.cfg.onestep
         super().build(trainer)  # VQGAN, latent cache, networks, schedule tables, validation data
         self.timesteps = torch.tensor(sampler_timesteps(o.step_counts, cfg.diffusion.num_train_timesteps,
-                                                        cfg.lcm.original_inference_steps))
+                                                        cfg.lcm.original_inference_steps, cfg.lcm.step_schedules))
         rest = (1.0 - o.first_step_weight) / max(1, len(self.timesteps) - 1)
         probs = torch.tensor([o.first_step_weight] + [rest] * (len(self.timesteps) - 1), dtype=torch.float64)
         self.t_cdf = (probs.cumsum(0) / probs.sum()).float()
@@ -143,7 +149,7 @@ class OneStepTask(LDMTask):
         latent_only = step <= o.latent_only_steps
         loss = (1.0 if latent_only else o.latent_weight) * F.mse_loss(z, z0)
         logs = {"latent_mse": float(F.mse_loss(z.detach(), z0))}
-        if not latent_only and (o.pixel_weight > 0 or o.msssim_weight > 0):  # through the frozen decoder
+        if not latent_only and (o.pixel_weight > 0 or o.msssim_weight > 0 or o.bsr_weight > 0):  # frozen decoder
             pred = self.vqgan.decode(z).float()
             mse = F.mse_loss(pred, image.float())
             loss = loss + o.pixel_weight * mse
@@ -152,6 +158,10 @@ class OneStepTask(LDMTask):
                 sim = ms_ssim(pred.clamp(-1, 1), image.float())
                 loss = loss + o.msssim_weight * (1 - sim)
                 logs["ms_ssim"] = float(sim.detach())
+            if o.bsr_weight > 0:
+                residual = bone_residual_loss(batch["cxr"], image, pred.clamp(-1, 1))
+                loss = loss + o.bsr_weight * residual
+                logs["bsr"] = 1.0 - float(residual.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
 
