@@ -19,7 +19,9 @@ t = T-1 the 50-step clip range (+-omega = +-2 for the global path) cuts 5.7 % of
 latent values, and a one-step estimate is final.
 
 D is the frozen VQGAN decoder (gradients pass through it, its weights stay fixed). Training on the
-timesteps that 1, 2 and 4-step sampling visit keeps every step count usable. With
+timesteps that 1, 2 and 4-step sampling visit keeps every step count usable; with
+``lcm.step_schedules`` (ours, e.g. 999/99 for 2 steps) those are the schedules' timesteps, and the
+student's checkpoint carries the schedules so that it is sampled at the timesteps it learnt. With
 ``onestep.rollout`` a sample at a later timestep noises the student's own (detached) one-step
 estimate instead of z0, which is what a 2- or 4-step sampler feeds it, so the later steps learn to
 correct the first estimate rather than to trust it. The result is a
