@@ -271,3 +271,8 @@ def test_custom_step_schedule_rejects_bad_timesteps(bad):
         LCMScheduler(step_schedules=[bad])
     with pytest.raises(ValueError, match="custom LCM timesteps"):
         LCMScheduler().set_timesteps(timesteps=bad)
+
+
+def test_two_step_schedules_of_one_length_are_refused():
+    with pytest.raises(ValueError, match="two schedules of the same length"):
+        LCMScheduler(step_schedules=[[999, 99], [899, 9]])

@@ -151,6 +151,8 @@ class LCMScheduler:
         for schedule in step_schedules:
             check_custom_timesteps(schedule, num_train_timesteps)
         self.step_schedules = {len(s): [int(t) for t in s] for s in step_schedules}
+        if len(self.step_schedules) != len(step_schedules):  # a later one would silently replace an earlier one
+            raise ValueError(f"step_schedules {list(step_schedules)} has two schedules of the same length")
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
