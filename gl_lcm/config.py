@@ -165,6 +165,10 @@ class OneStepConfig:
     rollout: bool = opt(False, "samples at the later timesteps of 2/4-step sampling noise the student's own one-step "
                                "estimate (as sampling does) instead of the ground-truth latent, so later steps learn "
                                "to correct it")
+    rollout_chain: bool = opt(False, "with rollout, a sample at a later timestep noises the estimate of the step before "
+                                     "it in a schedule that visits that timestep (drawn per sample), chained through "
+                                     "all the schedule's earlier steps as a multi-step sampler does, instead of "
+                                     "always the first estimate")
 
 
 @dataclass

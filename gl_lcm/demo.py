@@ -85,13 +85,18 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
     from gl_lcm.train.ldm import train_ldm
     from gl_lcm.train.onestep import train_onestep
     from gl_lcm.train.vqgan import train_vqgan
+    from gl_lcm.utils.dist import resolve_device
+    from gl_lcm.utils.machine import machine_line, matmul_gflops
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = demo_configs(out, fast)
+    # the stage times below scale with the CPU's speed: the matmul rate lets a reader compare machines
+    machine = f"{machine_line(resolve_device(cfgs['eval'].device))}; float32 matmul {matmul_gflops():.0f} GFLOP/s"
+    print(f"[demo] {machine}")
     timing_path = out / "stage_times.json"
     stage_times: dict = json.loads(timing_path.read_text()) if timing_path.is_file() and not overwrite else {}
-    n, size = (24, 64) if fast else (200, 128)
+    n, size = (24, 64) if fast else (200, 96)
     resume = "none" if overwrite else "auto"
     _stage("phantoms", out / "data" / "test.txt", overwrite,
            lambda: write_phantom_dataset(out / "data", n=n, size=size, seed=0), stage_times)
@@ -109,7 +114,7 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
                             progress=progress)
     stage_times["evaluation"] = time.time() - t0
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
-    write_report(out, results, stage_times, fast)
+    write_report(out, results, stage_times, fast, machine)
     print(f"[demo] report: {out / 'report.md'}")
     return results
 
@@ -269,7 +274,7 @@ def figure_cases(path: Path, cxrs, gts, paths: dict, fused, k: int = 4) -> None:
     save_grid(path, rows, labels=["CXR", "global", "local", "fused", "truth"])
 
 
-def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
+def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: str = "") -> None:
     from gl_lcm.metrics import markdown_table
 
     t = res["times"]
@@ -293,11 +298,14 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool) -> None:
             lines.append(f"| {name} | 0 | – | – | {sec:.4f} |")
     lines += ["", "## Stage durations (s)", "", "| Stage | seconds |", "|:--|--:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in stage_times.items()]
-    lines += ["", f"Total: {sum(stage_times.values()) / 60:.1f} min", "",
-              "![PSNR against UNet calls per image](psnr_vs_unet_calls.png)", "",
+    lines += ["", f"Total: {sum(stage_times.values()) / 60:.1f} min", ""]
+    if machine:
+        lines += [f"{machine} (measured at the start of this run; stages skipped as done may have run elsewhere)", ""]
+    lines += ["![PSNR against UNet calls per image](psnr_vs_unet_calls.png)", "",
               "![cases (one-step student, 1 step): CXR | global | local | fused | ground truth](demo_figure.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "report.json", json.dumps(
         {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},
-         "times": t, "sampling": res["sampling"], "unet_calls": res["unet_calls"], "stage_times": stage_times},
+         "times": t, "sampling": res["sampling"], "unet_calls": res["unet_calls"], "stage_times": stage_times,
+         "machine": machine},
         indent=2, default=float))

@@ -18,6 +18,14 @@ def test_fast_demo_end_to_end_and_resume(tmp_path, capsys):
     assert "| GL-LCM ours: one-step student, 1 step | 2 |" in report  # UNet calls per image: 1 step x 2 paths
     for stage in ("vqgan", "teacher", "student", "onestep"):
         assert (out / stage / "model.pt").is_file() and (out / stage / "logs" / "curves.png").is_file()
+    # the machine line: this process's torch threads and version, and a positive matmul rate
+    import re
+
+    import torch
+
+    machine = re.search(r"^Machine: .*$", report, re.M).group(0)
+    assert f"({torch.get_num_threads()} torch threads)" in machine and f"torch {torch.__version__}" in machine
+    assert float(re.search(r"float32 matmul (\d+) GFLOP/s", machine).group(1)) > 0
     numbers = json.loads((out / "report.json").read_text())
     psnr = numbers["summaries"]["GL-LCM ours: one-step student, 1 step"]["psnr"][0]
     assert 5 < psnr < 60

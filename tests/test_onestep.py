@@ -149,6 +149,90 @@ def test_rollout_feeds_later_timesteps_the_students_own_noised_estimate():
     assert not torch.allclose(x_t[later], add_noise(z0, noise, t, ac)[later], atol=1e-3)  # not the target's
 
 
+def test_rollout_chains_are_the_steps_a_sampler_takes_before_each_timestep():
+    from gl_lcm.train.onestep import rollout_chains, step_schedules_of
+
+    schedules = step_schedules_of([1, 2, 4], 1000, 50, [[999, 99], [999, 499, 259, 99]])
+    assert schedules == [[999], [999, 99], [999, 499, 259, 99]]
+    ts = [999, 499, 259, 99, 99, 99]
+    picks = [0.9, 0.0, 0.99, 0.0, 0.49, 0.5]
+    # plain re-implementation: list every (schedule, position) pair; 99 sits in two schedules
+    assert rollout_chains(ts, schedules, picks) == [[], [999], [999, 499], [999], [999], [999, 499, 259]]
+    # the diffusers spacing: 4 steps 999/759/499/259, 2 steps 999/499
+    plain = step_schedules_of([1, 2, 4], 1000, 50)
+    assert plain == [[999], [999, 499], [999, 759, 499, 259]]
+    assert rollout_chains([499, 499, 759], plain, [0.2, 0.7, 0.3]) == [[999], [999, 759], [999]]
+
+
+def test_chained_rollout_feeds_each_timestep_the_estimate_of_the_step_before_it():
+    """onestep.rollout_chain: a sample at 259 of the schedule 999/499/259/99 sees add_noise(e2, eps, 259), where
+    e1 = LCM step at 999 from add_noise(z0, n0, 999) and e2 = LCM step at 499 from add_noise(e1, n1, 499);
+    a sample at 99 follows 999 or 999/499/259 as its pick says."""
+    from types import SimpleNamespace
+
+    from gl_lcm.diffusion.distill import consistency_output
+    from gl_lcm.diffusion.schedule import add_noise
+    from gl_lcm.train.onestep import OneStepTask
+
+    cfg = load_config(None, ["diffusion.prediction_type=sample", "lcm.dynamic_clip=false", "onestep.rollout=true",
+                             "onestep.rollout_chain=true", "onestep.latent_only_steps=10"])
+    d = cfg.diffusion
+    ac = alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end))
+    seen = []
+
+    def x0_of(x_t, cond):
+        return 0.5 * cond + 0.1 * x_t
+
+    class Student(torch.nn.Module):
+        def forward(self, x_t, t, cond):
+            seen.append((x_t.clone(), t.clone()))
+            return x0_of(x_t, cond)
+
+    task = OneStepTask.__new__(OneStepTask)
+    task.cfg, task.alphas_cumprod, task.unet = cfg, ac, Student()
+    task.trainer = SimpleNamespace(net=lambda name: task.unet)
+    task.schedules = [[999], [999, 99], [999, 499, 259, 99]]
+    task.timesteps = torch.tensor([999, 499, 259, 99])
+    task.t_cdf = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    b = 24
+    g = torch.Generator().manual_seed(5)
+    z0, cond = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    batch = {"target": z0, "cond": cond, "image": torch.zeros(b, 1, 32, 32), "omega": torch.ones(b)}
+    task.micro_step(batch, step=1, generator=torch.Generator().manual_seed(9))
+
+    # the task's draws in order: timestep, noise, first-step noise, schedule pick, two more rollout noises
+    r = torch.Generator().manual_seed(9)
+    u = torch.rand(b, generator=r)
+    t = task.timesteps[torch.searchsorted(task.t_cdf, u, right=True).clamp_max(3)]
+    noise = torch.randn(b, 4, 8, 8, generator=r)
+    n0 = torch.randn(b, 4, 8, 8, generator=r)
+    pick = torch.rand(b, generator=r)
+    n1, n2 = torch.randn(b, 4, 8, 8, generator=r), torch.randn(b, 4, 8, 8, generator=r)
+
+    def step(z, n, tt, i):  # one LCM step of the toy student on sample i
+        tv = torch.tensor([tt])
+        x = add_noise(z[None], n[None], tv, ac)
+        return consistency_output(x0_of(x, cond[i:i + 1]), x, tv, ac, "sample",
+                                  timestep_scaling=cfg.lcm.timestep_scaling)[0]
+
+    expected = z0.clone()
+    kinds = set()
+    for i in range(b):
+        ti = int(t[i])
+        if ti == 999:
+            continue
+        chain = {499: [999], 259: [999, 499]}.get(ti) or ([999] if pick[i] < 0.5 else [999, 499, 259])
+        kinds.add((ti, len(chain)))
+        z = z0[i]
+        for j, (tt, n) in enumerate(zip(chain, (n0, n1, n2))):
+            z = step(z, n[i], tt, i)
+        expected[i] = z
+    assert {(99, 1), (99, 3), (259, 2), (499, 1)} <= kinds  # every chain shape occurs in this draw
+    x_t, t_seen = seen[-1]
+    assert torch.equal(t_seen, t)
+    torch.testing.assert_close(x_t, add_noise(expected, noise, t, ac), atol=1e-5, rtol=1e-5)
+
+
 def test_bsr_term_scores_the_decoded_estimate_against_the_items_own_radiograph(tmp_path):
     """onestep.bsr_weight adds w * (1 - BSR) of the decoded estimate, with the bone taken from the item's
     own CXR: the whole film on the global path, the masked film on the local one (LatentImagePairs)."""

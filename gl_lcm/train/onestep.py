@@ -24,7 +24,8 @@ timesteps that 1, 2 and 4-step sampling visit keeps every step count usable; wit
 student's checkpoint carries the schedules so that it is sampled at the timesteps it learnt. With
 ``onestep.rollout`` a sample at a later timestep noises the student's own (detached) one-step
 estimate instead of z0, which is what a 2- or 4-step sampler feeds it, so the later steps learn to
-correct the first estimate rather than to trust it. The result is a
+correct the first estimate rather than to trust it; with ``onestep.rollout_chain`` the estimate is the one
+a sampler holds just before that timestep (through all earlier steps of a schedule that visits it). The result is a
 'distill'-kind checkpoint, so the dual-path pipeline, guidance and fusion use it unchanged.
 """
 from __future__ import annotations
@@ -52,13 +53,35 @@ def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_
                       step_schedules=()) -> list[int]:
     """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits
     (with ``step_schedules``, lcm.step_schedules, where one has that many steps)."""
-    seen: set[int] = set()
+    schedules = step_schedules_of(step_counts, num_train_timesteps, original_inference_steps, step_schedules)
+    return sorted({t for s in schedules for t in s}, reverse=True)
+
+
+def step_schedules_of(step_counts, num_train_timesteps: int, original_inference_steps: int,
+                      step_schedules=()) -> list[list[int]]:
+    """The descending timestep list that sampling with each of ``step_counts`` visits (one list per count)."""
+    out = []
     for n in step_counts:
         s = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps,
                          step_schedules=step_schedules)
         s.set_timesteps(int(n))
-        seen.update(int(t) for t in s.timesteps.tolist())
-    return sorted(seen, reverse=True)
+        out.append([int(t) for t in s.timesteps.tolist()])
+    return out
+
+
+def rollout_chains(timesteps, schedules, picks) -> list[list[int]]:
+    """For each sample's timestep, the timesteps a sampler visits before it: those preceding it in one of the
+    ``schedules`` that visits it at a later position, chosen by ``picks`` (uniform in [0, 1), one per sample)
+    among such schedules; [] where no schedule visits it after another step (the first timestep).
+
+    Example: schedules [[999], [999, 99], [999, 499, 259, 99]]: 259 -> [999, 499]; 99 -> [999] or
+    [999, 499, 259] (pick < 0.5 or not); 999 -> [].
+    """
+    chains = []
+    for t, u in zip(timesteps, picks):
+        options = [s[:s.index(int(t))] for s in schedules if int(t) in s[1:]]
+        chains.append(options[min(int(u * len(options)), len(options) - 1)] if options else [])
+    return chains
 
 
 def clip_ranges(timesteps: torch.Tensor, omegas: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -108,6 +131,8 @@ class OneStepTask(LDMTask):
         rest = (1.0 - o.first_step_weight) / max(1, len(self.timesteps) - 1)
         probs = torch.tensor([o.first_step_weight] + [rest] * (len(self.timesteps) - 1), dtype=torch.float64)
         self.t_cdf = (probs.cumsum(0) / probs.sum()).float()
+        self.schedules = step_schedules_of(o.step_counts, cfg.diffusion.num_train_timesteps,
+                                           cfg.lcm.original_inference_steps, cfg.lcm.step_schedules)
 
     def make_train_set(self, latents: dict, pairs) -> Dataset:
         cfg = self.cfg
@@ -136,16 +161,18 @@ class OneStepTask(LDMTask):
         t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
         noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
         start = z0
-        if o.rollout:  # later steps start from the student's own first estimate, as in sampling
-            first_noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
-            later = t < self.timesteps[0]
-            if bool(later.any()):
-                with torch.no_grad():
-                    t_first = torch.full_like(t[later], int(self.timesteps[0]))
-                    z_first = self._estimate(self.unet, add_noise(z0[later], first_noise[later], t_first,
-                                                                  self.alphas_cumprod), t_first, cond[later], omega[later])
-                start = z0.clone()
-                start[later] = z_first.to(start.dtype)
+        if o.rollout:  # later steps start from the student's own earlier estimate, as in sampling
+            noises = [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)]
+            if o.rollout_chain:  # the steps before t in a schedule that visits it
+                picks = torch.rand(b, generator=generator, device=generator.device).cpu()
+                depth = max(len(s) for s in self.schedules) - 1
+                noises += [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+                           for _ in range(depth - 1)]
+                chains = rollout_chains(t.tolist(), self.schedules, picks.tolist())
+            else:  # the first estimate only
+                first = int(self.timesteps[0])
+                chains = [[first] if ti < first else [] for ti in t.tolist()]
+            start = self._rollout(z0, cond, omega, chains, noises)
         x_t = add_noise(start, noise, t, self.alphas_cumprod)
         z = self._estimate(self.trainer.net("student"), x_t, t, cond, omega)
         latent_only = step <= o.latent_only_steps
@@ -166,6 +193,21 @@ class OneStepTask(LDMTask):
                 logs["bsr"] = 1.0 - float(residual.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    @torch.no_grad()
+    def _rollout(self, z0, cond, omega, chains, noises):
+        """The (detached) estimate a sampler holds after the steps of each sample's chain; z0 where it is empty.
+        Step j of every chain noises the previous estimate (z0 for j = 0) with ``noises[j]``."""
+        lengths = torch.tensor([len(c) for c in chains], device=z0.device)
+        if not bool((lengths > 0).any()):
+            return z0
+        current = z0.clone()
+        for j in range(int(lengths.max())):
+            sel = lengths > j
+            t_j = torch.tensor([c[j] for c in chains if len(c) > j], device=z0.device)
+            x = add_noise(z0[sel] if j == 0 else current[sel], noises[j][sel], t_j, self.alphas_cumprod)
+            current[sel] = self._estimate(self.unet, x, t_j, cond[sel], omega[sel]).to(current.dtype)
+        return current  # still z0 where the chain is empty
 
     def _estimate(self, net, x_t, t, cond, omega):
         """What one LCM step returns at t: the boundary-condition output with the sampler's clipping."""
