@@ -53,7 +53,12 @@ def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_
                       step_schedules=()) -> list[int]:
     """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits
     (with ``step_schedules``, lcm.step_schedules, where one has that many steps)."""
-    schedules = step_schedules_of(step_counts, num_train_timesteps, original_inference_steps, step_schedules)
+    return union_timesteps(step_schedules_of(step_counts, num_train_timesteps, original_inference_steps,
+                                             step_schedules))
+
+
+def union_timesteps(schedules) -> list[int]:
+    """The timesteps any of ``schedules`` visits, descending."""
     return sorted({t for s in schedules for t in s}, reverse=True)
 
 
@@ -126,13 +131,12 @@ class OneStepTask(LDMTask):
     def build(self, trainer: Trainer) -> None:
         cfg, o = self.cfg, self.cfg.onestep
         super().build(trainer)  # VQGAN, latent cache, networks, schedule tables, validation data
-        self.timesteps = torch.tensor(sampler_timesteps(o.step_counts, cfg.diffusion.num_train_timesteps,
-                                                        cfg.lcm.original_inference_steps, cfg.lcm.step_schedules))
+        self.schedules = step_schedules_of(o.step_counts, cfg.diffusion.num_train_timesteps,
+                                           cfg.lcm.original_inference_steps, cfg.lcm.step_schedules)
+        self.timesteps = torch.tensor(union_timesteps(self.schedules))
         rest = (1.0 - o.first_step_weight) / max(1, len(self.timesteps) - 1)
         probs = torch.tensor([o.first_step_weight] + [rest] * (len(self.timesteps) - 1), dtype=torch.float64)
         self.t_cdf = (probs.cumsum(0) / probs.sum()).float()
-        self.schedules = step_schedules_of(o.step_counts, cfg.diffusion.num_train_timesteps,
-                                           cfg.lcm.original_inference_steps, cfg.lcm.step_schedules)
 
     def make_train_set(self, latents: dict, pairs) -> Dataset:
         cfg = self.cfg
