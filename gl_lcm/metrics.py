@@ -12,7 +12,8 @@ published evaluation script (GL-LCM ``codes/metrics.py``):
 - PSNR uses peak 1; identical images give +inf (the published script crashed);
 - BSR uses the bone image ``cxr - gt`` and a mean-shifted prediction;
 - LPIPS is AlexNet / v0.1 fed the 1-channel image in [0, 1] without rescaling to
-  [-1, 1] (see :class:`LPIPSMetric`).
+  [-1, 1] (see :class:`LPIPSMetric`); its trunk weights come from ``gl-lcm weights lpips``
+  (:mod:`gl_lcm.weights`) or torchvision's cache, never from a download at metric time.
 
 SSIM and MS-SSIM are ours (the paper reports neither): perceptual measures that need no ImageNet
 weights, so every table has one even where LPIPS cannot run. They follow Wang et al. (Gaussian
@@ -120,7 +121,7 @@ def resize_for_metrics(image: np.ndarray, size: int = 1024) -> np.ndarray:
 
 
 class LPIPSWeightsMissing(FileNotFoundError):
-    """The torchvision AlexNet weights LPIPS needs are not on disk."""
+    """The AlexNet trunk weights LPIPS needs are not on disk (install: ``gl-lcm weights lpips``)."""
 
 
 def default_alexnet_weights_path() -> Path:
@@ -131,23 +132,23 @@ def default_alexnet_weights_path() -> Path:
     return Path(torch_home) / "hub" / "checkpoints" / ALEXNET_WEIGHTS_FILE
 
 
-def _missing_weights_message(path: Path) -> str:
-    return (
-        f"LPIPS needs the torchvision AlexNet weights, not found at {path}. "
-        f"Put the file {ALEXNET_WEIGHTS_FILE} there (or pass its path explicitly). "
-        f"Get it on a machine with internet from {ALEXNET_WEIGHTS_URL} "
-        f"(e.g. curl -L -o {ALEXNET_WEIGHTS_FILE} {ALEXNET_WEIGHTS_URL}) and copy it over; "
-        f"or evaluate without LPIPS with --no-lpips."
-    )
+def _missing_weights_message(explicit: Optional[PathLike] = None) -> str:
+    from gl_lcm.weights import missing_weights_message
+
+    return missing_weights_message("alex", explicit) + " Or evaluate without LPIPS with --no-lpips."
 
 
 class LPIPSMetric:
     """LPIPS (AlexNet trunk, v0.1 linear heads), built once and reused per image.
 
-    Built without any download: the trunk comes from the torchvision AlexNet state
-    dict at ``weights_path`` (default :func:`default_alexnet_weights_path`; keys
-    ``features.*``, other keys ignored), the linear heads from the weights shipped
-    inside the ``lpips`` package. A missing file raises :class:`LPIPSWeightsMissing`.
+    Built without any download: the trunk comes from the torchvision-layout AlexNet state
+    dict at ``weights_path`` (keys ``features.*``, other keys ignored; ``.safetensors`` or a
+    torchvision ``.pth``). Without ``weights_path`` the first file found of
+    ``gl_lcm.weights.trunk_search_paths("alex")`` is used: ``lpips_alex.safetensors`` in the
+    weights folder (``$GL_LCM_HOME/weights``, default ``~/.cache/gl_lcm/weights``, written by
+    ``gl-lcm weights lpips``), then torchvision's ``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``.
+    The linear heads are the v0.1 weights shipped inside the ``lpips`` package. A missing file
+    raises :class:`LPIPSWeightsMissing`, whose message names the install command.
 
     protocol:
       "published" (default): what the published GL-LCM script computed. It fed a
@@ -168,9 +169,11 @@ class LPIPSMetric:
     ):
         if protocol not in LPIPS_PROTOCOLS:
             raise ValueError(f"LPIPS protocol must be one of {LPIPS_PROTOCOLS}, got {protocol!r}")
-        path = Path(weights_path) if weights_path is not None else default_alexnet_weights_path()
-        if not path.is_file():
-            raise LPIPSWeightsMissing(_missing_weights_message(path))
+        from gl_lcm.weights import find_trunk_weights
+
+        path = find_trunk_weights("alex", weights_path)
+        if path is None or not path.is_file():
+            raise LPIPSWeightsMissing(_missing_weights_message(weights_path))
 
         import lpips
 
@@ -184,6 +187,25 @@ class LPIPSMetric:
         self.device = torch.device(device)
         self.protocol = protocol
         self.weights_path = path
+
+    @classmethod
+    def from_config(cls, metrics_cfg, device: Union[str, torch.device] = "cpu") -> Optional["LPIPSMetric"]:
+        """The metric a ``metrics`` config section asks for, or None.
+
+        None when ``metrics.lpips`` is false, or when the weights are missing and
+        ``metrics.lpips_missing`` is ``skip`` (one warning naming the install command);
+        with ``lpips_missing: error`` a missing file raises :class:`LPIPSWeightsMissing`.
+        """
+        if not metrics_cfg.lpips:
+            return None
+        try:
+            return cls(protocol=metrics_cfg.lpips_protocol, weights_path=metrics_cfg.lpips_weights or None,
+                       device=device)
+        except LPIPSWeightsMissing as exc:
+            if getattr(metrics_cfg, "lpips_missing", "error") != "skip":
+                raise
+            warnings.warn(f"LPIPS skipped (metrics.lpips_missing=skip): {exc}", stacklevel=2)
+            return None
 
     def __call__(self, gt: np.ndarray, pred: np.ndarray) -> float:
         """LPIPS distance between two gray H x W images in [0, 1] (0 = identical)."""
@@ -202,14 +224,9 @@ class LPIPSMetric:
 
 def _load_alexnet_trunk(model: torch.nn.Module, path: Path) -> None:
     """Copy torchvision ``features.<i>.*`` tensors into lpips' ``net.slice<k>.<i>.*``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot load AlexNet weights from {path}: {exc}") from exc
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} is not a state dict (got {type(state).__name__})")
+    from gl_lcm.weights import load_trunk_state
+
+    state = load_trunk_state(path)  # .safetensors (gl-lcm weights lpips) or torchvision .pth
 
     target = model.net.state_dict()
     # lpips keeps torchvision's layer indices inside its slices: slice2.3 is features.3.
