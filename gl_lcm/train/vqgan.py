@@ -21,7 +21,8 @@ from gl_lcm.utils.plotting import save_grid
 
 
 def build_perceptual(cfg: Config, device: torch.device, warn: bool = True):
-    """LPIPS perceptual loss from local weights, or None with ONE clear warning (rank 0) when absent."""
+    """LPIPS perceptual loss (trunk from ``gl-lcm weights lpips`` or torchvision's cache), or None with ONE
+    clear warning (rank 0) naming the install command when the weights are absent."""
     if cfg.vqgan.perceptual_weight <= 0:
         return None
     from gl_lcm.losses import PerceptualLoss, WeightsNotFoundError
@@ -137,6 +138,21 @@ def train_vqgan(cfg: Config, resume: str = "auto", progress: bool = True) -> dic
 
 
 # ---------------------------------------------------------------------------- evaluation
+def _reconstruction_lpips(cfg: Config, device: torch.device):
+    """(LPIPSMetric or None, note): LPIPS of the round trip when metrics.lpips is on and the AlexNet
+    weights are found (``gl-lcm weights lpips``); otherwise None and why (never an error here)."""
+    from gl_lcm.metrics import LPIPSMetric, LPIPSWeightsMissing
+
+    if not cfg.metrics.lpips:
+        return None, "LPIPS off (metrics.lpips=false)"
+    try:
+        metric = LPIPSMetric(protocol=cfg.metrics.lpips_protocol, weights_path=cfg.metrics.lpips_weights or None,
+                             device=device)
+    except LPIPSWeightsMissing as exc:
+        return None, f"LPIPS skipped: {exc}"
+    return metric, f"LPIPS AlexNet v0.1, protocol '{metric.protocol}', weights {metric.weights_path}"
+
+
 def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Bicubic down-sampling by ``factor`` and back up: the no-learning reconstruction baseline."""
     h, w = x.shape[-2:]
@@ -147,7 +163,8 @@ def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str] = None,
                    out_dir: Optional[str] = None, progress: bool = True, batch_size: int = 8) -> dict[str, Any]:
-    """Reconstruct a split (CXR and BS images): PSNR, MS-SSIM (mean ± std), codebook usage, bicubic baseline."""
+    """Reconstruct a split (CXR and BS images): PSNR, MS-SSIM, LPIPS (mean ± std; LPIPS when its AlexNet
+    weights are installed and metrics.lpips is on, with metrics.lpips_protocol), codebook usage, bicubic baseline."""
     from gl_lcm.data.io import write_png
     from gl_lcm.losses import ms_ssim
     from gl_lcm.utils.dist import resolve_device
@@ -164,6 +181,7 @@ def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optiona
     rows = []
     model_codebook_size = int(getattr(model, "codebook_size", 0) or model.quantizer.codebook_size)
     counts = torch.zeros(model_codebook_size, dtype=torch.long)
+    lpips_metric, lpips_note = _reconstruction_lpips(cfg, device)
     for start in tqdm(range(0, len(data), batch_size), desc="eval-vqgan", disable=not progress):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         x = torch.stack([it["image"] for it in items]).to(device)
@@ -173,10 +191,13 @@ def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optiona
         base = bicubic_baseline(x, factor)
         p, pb = psnr_batch(recon, x), psnr_batch(base, x)
         s = ms_ssim(recon, x, reduction="none")
-        for it, r, pi, pbi, si in zip(items, recon, p, pb, s):
-            write_png(out / it["kind"] / f"{it['stem']}.png", ((r[0].float().cpu().numpy() + 1) / 2).clip(0, 1))
+        for it, xi, r, pi, pbi, si in zip(items, x, recon, p, pb, s):
+            r01 = ((r[0].float().cpu().numpy() + 1) / 2).clip(0, 1)
+            write_png(out / it["kind"] / f"{it['stem']}.png", r01)
             rows.append({"stem": it["stem"], "kind": it["kind"], "psnr": float(pi), "ms_ssim": float(si),
                          "psnr_bicubic": float(pbi)})
+            if lpips_metric is not None:
+                rows[-1]["lpips"] = lpips_metric(((xi[0].float().cpu().numpy() + 1) / 2).clip(0, 1), r01)
     probs = counts.double() / counts.sum().clamp_min(1)
     nz = probs[probs > 0]
     summary = {
@@ -188,13 +209,24 @@ def evaluate_vqgan(cfg: Config, checkpoint: Optional[str] = None, split: Optiona
         "bicubic_psnr_std": float(np.std([r["psnr_bicubic"] for r in rows])),
         "codebook_usage": float((counts > 0).double().mean()),
         "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+        "lpips_protocol": lpips_metric.protocol if lpips_metric is not None else None,
+        "lpips_note": lpips_note,
     }
+    if lpips_metric is not None:
+        summary["lpips_mean"] = float(np.mean([r["lpips"] for r in rows]))
+        summary["lpips_std"] = float(np.std([r["lpips"] for r in rows]))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    header = "stem,kind,psnr,ms_ssim,psnr_bicubic\n"
+    with_lpips = lpips_metric is not None
+    header = "stem,kind,psnr,ms_ssim,psnr_bicubic" + (",lpips" if with_lpips else "") + "\n"
     atomic_write_text(out / "per_image.csv", header + "".join(
-        f"{r['stem']},{r['kind']},{r['psnr']:.4f},{r['ms_ssim']:.5f},{r['psnr_bicubic']:.4f}\n" for r in rows))
+        f"{r['stem']},{r['kind']},{r['psnr']:.4f},{r['ms_ssim']:.5f},{r['psnr_bicubic']:.4f}"
+        + (f",{r['lpips']:.5f}" if with_lpips else "") + "\n" for r in rows))
+    lpips_text = (f"LPIPS ({lpips_metric.protocol}) {summary['lpips_mean']:.4f} ± {summary['lpips_std']:.4f}, "
+                  if with_lpips else "")
     print(f"VQGAN reconstruction on {len(rows)} images: PSNR {summary['psnr_mean']:.2f} ± {summary['psnr_std']:.2f} dB "
           f"(bicubic x{factor} baseline {summary['bicubic_psnr_mean']:.2f} ± {summary['bicubic_psnr_std']:.2f} dB), "
-          f"MS-SSIM {summary['ms_ssim_mean']:.4f} ± {summary['ms_ssim_std']:.4f}, "
+          f"MS-SSIM {summary['ms_ssim_mean']:.4f} ± {summary['ms_ssim_std']:.4f}, {lpips_text}"
           f"codebook usage {100 * summary['codebook_usage']:.1f} %, perplexity {summary['perplexity']:.1f} -> {out}")
+    if not with_lpips:
+        print(lpips_note)
     return summary
