@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,49 +121,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_once(spec: RowSpec, steps: int, vqgan, unet, cfg, device, names, cxrs, fallback_masks, compile_unet=False):
-    """Stage seconds for one batch (whole batch, not per image)."""
-    from gl_lcm.data.datasets import masked
-    from gl_lcm.pipeline import dual_path_sample, fuse_with_config, image_generators, postprocess_paths
-    from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
-    from gl_lcm.segmentation import NoLungFoundError, segment_lungs
+def make_engine(spec: RowSpec, vqgan, unet, cfg, device, names, fallback_masks, compile_unet=False):
+    """The inference engine for one row: the classical segmentation (phantom mask where it finds no lung),
+    the row's precision, fusion backend, batching and scheduler rebuild."""
+    import dataclasses
 
-    times = {}
-    t0 = time.perf_counter()
-    masks = []
-    for name, cxr, fb in zip(names, cxrs, fallback_masks):
-        try:
-            masks.append(segment_lungs(cxr, "classical", name=name))
-        except NoLungFoundError:
-            masks.append(fb)
-    times["segment"] = time.perf_counter() - t0
-    denoiser = prepare_denoiser(unet, device, spec.precision, compile_unet, True)
-    codec = prepare_vqgan(vqgan, device, "fp32", True)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = torch.from_numpy(np.stack(cxrs))[:, None].to(device) * 2 - 1
-        m = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None].to(device)
-        both = codec.encode(torch.cat([x, masked(x, m)]))
-        sync(device)
-        times["encode"] = time.perf_counter() - t0
-        b = len(names)
-        t0 = time.perf_counter()
-        z_g, z_l = dual_path_sample(denoiser, both[:b], both[b:], cfg, steps, image_generators(cfg.seed, names),
-                                    batched=spec.batched, rebuild_scheduler=spec.rebuild)
-        sync(device)
-        times["sample"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        decoded = ((codec.decode(torch.cat([z_g, z_l])).clamp(-1, 1)[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
-        times["decode"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cfg.fusion.backend = spec.fusion
-    for i in range(b):
-        g, l = postprocess_paths(cxrs[i], decoded[i], decoded[b + i], masks[i])
-        fuse_with_config(cfg, "poisson", g, l, masks[i], device=device)
-    sync(device)
-    times["fuse"] = time.perf_counter() - t0
-    return times
+    from gl_lcm.inference import FusionSettings, InferenceEngine, PixelSettings, SamplingSettings, Segmenter
+    from gl_lcm.inference.segmenter import WithFallback
+
+    segmenter = WithFallback(Segmenter("classical"), dict(zip(names, fallback_masks)))
+    fusion = dataclasses.replace(FusionSettings.from_config(cfg), backend=spec.fusion)
+    return InferenceEngine(vqgan, unet, SamplingSettings.from_config(cfg), fusion, PixelSettings.from_config(cfg),
+                           device, segmenter=segmenter, precision=spec.precision, compile=compile_unet,
+                           batched=spec.batched, rebuild_scheduler=spec.rebuild)
+
+
+# engine stage names -> this table's column names
+ENGINE_STAGES = {"segmentation": "segment", "encode": "encode", "sampling": "sample", "decode": "decode",
+                 "fusion": "fuse"}
+
+
+def run_once(engine, steps: int, names, cxrs):
+    """Stage seconds for one batch (whole batch, not per image), through the engine's run()."""
+    engine.run(names, cxrs, num_steps=steps)
+    return {ENGINE_STAGES[k]: v for k, v in engine.timer.seconds.items()}
 
 
 def measure(args) -> tuple[list[dict], torch.device]:
@@ -183,9 +163,9 @@ def measure(args) -> tuple[list[dict], torch.device]:
             print(f"[bench_inference] {spec.name}, batch {bs}", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             compile_unet = args.compile and spec.name.startswith("ours")
-            warm = run_once(spec, 1, vqgan, unet, cfg, device, names, cxrs, fb, compile_unet)
+            engine = make_engine(spec, vqgan, unet, cfg, device, names, fb, compile_unet)
+            warm = run_once(engine, 1, names, cxrs)
             per_step = warm["sample"]
             fixed = sum(warm[s] for s in STAGES if s != "sample")
             steps, note = spec.steps, ""
@@ -196,12 +176,11 @@ def measure(args) -> tuple[list[dict], torch.device]:
                     note = f"sampling timed at {steps} of {spec.steps} steps, scaled"
             else:
                 repeats = args.repeats
-            runs = [run_once(spec, steps, vqgan, unet, cfg, device, names, cxrs, fb, compile_unet)
-                    for _ in range(repeats)]
+            runs = [run_once(engine, steps, names, cxrs) for _ in range(repeats)]
             stage = {s: statistics.median(r[s] for r in runs) / bs for s in STAGES}
             stage["sample"] *= spec.steps / steps
             total = sum(stage.values())
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            peak = engine.timer.peak_gib()
             calls = spec.steps * (1 if spec.batched else 2)
             results.append({"row": spec.name, "batch": bs, "calls": calls, "precision": spec.precision,
                             "fusion": spec.fusion, **stage, "total": total, "images_per_s": 1.0 / total,

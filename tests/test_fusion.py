@@ -132,7 +132,7 @@ def test_float_solver_agrees_with_opencv_in_interior():
 def test_mask_touching_border_and_empty_mask():
     global_img, local_img, _ = _scene(64)
     full = np.ones_like(global_img, dtype=bool)
-    for backend in ("scipy", "opencv"):
+    for backend in ("float", "opencv"):
         fused = fuse("poisson", global_img, local_img, full, backend=backend)
         assert np.all(np.isfinite(fused)) and fused.shape == global_img.shape
         # the border ring is the boundary condition: it keeps the global values
@@ -168,10 +168,17 @@ def test_alpha_and_none_modes():
 
 def test_fuse_dispatch_and_validation():
     global_img, local_img, mask = _scene(64)
-    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask), poisson_fuse(global_img, local_img, mask))
+    # backend names are the config's (fusion.backend); the default is the config's default, torch
+    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask, backend="float"),
+                                  poisson_fuse(global_img, local_img, mask))
+    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask),
+                                  poisson_fuse_torch(global_img, local_img, mask))
+    from gl_lcm.config import Config
+
+    assert fuse.__kwdefaults__["backend"] == Config().fusion.backend
     with pytest.raises(ValueError, match=", ".join(FUSION_MODES)):
         fuse("laplacian", global_img, local_img, mask)
-    with pytest.raises(ValueError, match="scipy, torch, opencv"):
+    with pytest.raises(ValueError, match="torch, float, opencv, published"):
         fuse("poisson", global_img, local_img, mask, backend="gpu")
     with pytest.raises(ValueError, match="shape"):
         poisson_fuse(global_img, local_img[:10], mask)

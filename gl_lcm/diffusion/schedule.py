@@ -14,7 +14,7 @@ from torch import Tensor
 VALID_SCHEDULES = ("scaled_linear", "linear", "cosine")
 # Names diffusers uses for the same schedules, accepted so scheduler configs carry over unchanged.
 _SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}
-VALID_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VALID_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def make_betas(

@@ -165,7 +165,7 @@ class LDMTask(TrainTask):
 
     @torch.no_grad()
     def validate(self, step, out_dir):
-        from gl_lcm.pipeline import sample_latents
+        from gl_lcm.inference.settings import SamplingSettings, sample_single_path
 
         if len(self.val_data) == 0:
             return {}
@@ -173,8 +173,9 @@ class LDMTask(TrainTask):
         bs = torch.stack([self.val_data[i]["bs"] for i in range(len(self.val_data))]).to(self.trainer.device)
         cond = self.vqgan.encode(cxr)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        z = sample_latents(self.ema, cond, self.cfg, num_steps=self.cfg.lcm.num_inference_steps, generator=gen,
-                           clip_omega=self.cfg.lcm.global_omega)
+        z = sample_single_path(self.ema, cond, SamplingSettings.from_config(self.cfg),
+                               num_steps=self.cfg.lcm.num_inference_steps, generator=gen,
+                               clip_omega=self.cfg.lcm.global_omega)
         pred = self.vqgan.decode(z).clamp(-1, 1)
         to01 = lambda t: ((t[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
         rows = [[a, b_, c] for a, b_, c in zip(to01(cxr), to01(pred), to01(bs))]

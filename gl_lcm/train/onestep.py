@@ -26,7 +26,7 @@ student's checkpoint carries the schedules so that it is sampled at the timestep
 estimate instead of z0, which is what a 2- or 4-step sampler feeds it, so the later steps learn to
 correct the first estimate rather than to trust it; with ``onestep.rollout_chain`` the estimate is the one
 a sampler holds just before that timestep (through all earlier steps of a schedule that visits it). The result is a
-'distill'-kind checkpoint, so the dual-path pipeline, guidance and fusion use it unchanged.
+'distill'-kind checkpoint, so the inference engine (dual path, guidance, fusion) uses it unchanged.
 """
 from __future__ import annotations
 
@@ -40,21 +40,13 @@ from gl_lcm.config import Config, config_from_checkpoint
 from gl_lcm.data.datasets import masked
 from gl_lcm.data.pairs import PairedDataset
 from gl_lcm.diffusion.distill import consistency_output
-from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
+from gl_lcm.diffusion.lcm import LCMScheduler, clip_grid_index, dynamic_clip_range
 from gl_lcm.diffusion.schedule import add_noise
 from gl_lcm.losses import bone_residual_loss, ms_ssim
 from gl_lcm.models.factory import load_denoiser, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask, psnr_batch
 from gl_lcm.train.loop import Trainer
-
-
-def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_steps: int,
-                      step_schedules=()) -> list[int]:
-    """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits
-    (with ``step_schedules``, lcm.step_schedules, where one has that many steps)."""
-    return union_timesteps(step_schedules_of(step_counts, num_train_timesteps, original_inference_steps,
-                                             step_schedules))
 
 
 def union_timesteps(schedules) -> list[int]:
@@ -91,8 +83,6 @@ def rollout_chains(timesteps, schedules, picks) -> list[list[int]]:
 
 def clip_ranges(timesteps: torch.Tensor, omegas: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Per-sample x0 clip range the LCM sampler uses at ``timesteps`` (B,) for base ``omegas`` (B,)."""
-    from gl_lcm.pipeline import clip_grid_index
-
     d = cfg.diffusion
     return torch.tensor([dynamic_clip_range(clip_grid_index(int(t), d.num_train_timesteps,
                                                             cfg.lcm.original_inference_steps), float(o), cfg.lcm.clip_b)
@@ -125,7 +115,7 @@ class LatentImagePairs(Dataset):
 
 
 class OneStepTask(LDMTask):
-    name = "distill"  # a student checkpoint: the pipeline loads it like a distilled one
+    name = "distill"  # a student checkpoint: the inference engine loads it like a distilled one
     label = "one-step student"
 
     def build(self, trainer: Trainer) -> None:
