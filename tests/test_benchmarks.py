@@ -213,3 +213,10 @@ def test_gpu_check_reports_the_failing_childs_traceback(tmp_path):
     # no per-rank log (torchrun itself failed): the captured output's last lines
     assert gpu_check.child_error_lines(tmp_path / "none", "a\n\nb | c\n") == ["a", "b | c"]
     assert gpu_check.failure_reason(["a", "b | c"]) == "b / c"
+
+
+def test_bench_unet_dispatch_smoke():
+    out = run_script("bench_unet_dispatch.py", "--tiny", "--repeats", "0")
+    rows = table_rows(out, "| path | dispatched ops |")
+    assert len(rows) == 2 and "autocast" in rows[0] and "bf16_weights" in rows[1]
+    assert "of the dispatched operations" in out
