@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from gl_lcm.config import Config, config_from_checkpoint
 from gl_lcm.diffusion.distill import consistency_distillation_loss, solver_timesteps
 from gl_lcm.diffusion.schedule import offset_noise
