@@ -24,6 +24,7 @@ from gl_lcm.diffusion.schedule import (add_noise, alphas_cumprod_from_betas, mak
 from gl_lcm.models.factory import build_unet, check_latent_fits_unet, load_vqgan, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint, save_checkpoint
 from gl_lcm.train.loop import Trainer, TrainTask
+from gl_lcm.utils import seeding
 from gl_lcm.utils.dist import barrier
 from gl_lcm.utils.plotting import save_grid
 
@@ -149,9 +150,9 @@ class LDMTask(TrainTask):
         x0, cond = batch["target"], batch["cond"]
         b = x0.shape[0]
         noise = offset_noise(x0.shape, d.offset_noise, generator=generator, device=x0.device)
-        t = torch.randint(0, d.num_train_timesteps, (b,), generator=generator, device=generator.device).to(x0.device)
+        t = seeding.randint(0, d.num_train_timesteps, (b,), generator, x0.device)
         if d.cond_dropout > 0:
-            keep = torch.rand(b, generator=generator, device=generator.device).to(x0.device) >= d.cond_dropout
+            keep = seeding.rand(b, generator, x0.device) >= d.cond_dropout
             cond = cond * keep.view(b, 1, 1, 1)
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
         cond = training_condition(cond, t, self.alphas_cumprod, d.train_cond_scaling)

@@ -47,6 +47,7 @@ from gl_lcm.models.factory import load_denoiser, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask, psnr_batch
 from gl_lcm.train.loop import Trainer
+from gl_lcm.utils import seeding
 
 
 def union_timesteps(schedules) -> list[int]:
@@ -151,16 +152,16 @@ class OneStepTask(LDMTask):
         o = self.cfg.onestep
         z0, cond, image, omega = batch["target"], batch["cond"], batch["image"], batch["omega"]
         b, dev = z0.shape[0], z0.device
-        u = torch.rand(b, generator=generator, device=generator.device).cpu()
+        u = seeding.rand(b, generator, "cpu")
         t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+        noise = seeding.randn(z0.shape, generator, dev)
         start = z0
         if o.rollout:  # later steps start from the student's own earlier estimate, as in sampling
-            noises = [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)]
+            noises = [seeding.randn(z0.shape, generator, dev)]
             if o.rollout_chain:  # the steps before t in a schedule that visits it
-                picks = torch.rand(b, generator=generator, device=generator.device).cpu()
+                picks = seeding.rand(b, generator, "cpu")
                 depth = max(len(s) for s in self.schedules) - 1
-                noises += [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+                noises += [seeding.randn(z0.shape, generator, dev)
                            for _ in range(depth - 1)]
                 chains = rollout_chains(t.tolist(), self.schedules, picks.tolist())
             else:  # the first estimate only
