@@ -6,7 +6,9 @@ configs give the 53.8 M VQGAN and 383 M UNet), phantom CXRs at ``--image-size``.
 
 - ``--table gpu``: the published setting (LCM-50, two UNet calls per step, scheduler rebuilt every
   step, fp32, seamlessClone fusion) against ours (LCM-50 batched, ``--precision`` autocast, torch
-  fusion on the device) and the student at 4, 2 and 1 steps (ours), at each ``--batch-sizes``.
+  fusion on the device) and the student at 4, 2 and 1 steps (ours), then the same with every
+  optimisation (UNet weights cast to bf16 once, CUDA graphs, bf16 VQGAN, 30 fixed CG iterations),
+  at each ``--batch-sizes``. Every row runs the inference engine that ``gl-lcm evaluate`` runs.
 - ``--table cpu``: the student at ``--student-steps`` with the previous default (fp32, sparse float
   fusion) against the current one (fp32, torch fusion): before / after.
 
@@ -48,6 +50,9 @@ class RowSpec:
     rebuild: bool
     precision: str
     fusion: str  # fusion.backend: torch, float or opencv
+    vqgan_precision: str = "fp32"
+    cuda_graphs: bool = False
+    cg_iterations: int = 0  # fusion.cg_iterations (0: CG to tolerance)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="precision of 'ours' rows")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16_weights"],
+                   help="UNet precision of the plain 'ours' rows (the 'all optimisations' rows use bf16_weights)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet in 'ours' rows")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--student-steps", type=int, nargs="+", default=None,
@@ -81,6 +87,11 @@ def row_specs(args) -> list[RowSpec]:
                 RowSpec(f"ours: LCM-{T} batched", T, True, False, args.precision, "torch")]
         rows += [RowSpec(f"ours: student {s} step{'s' if s > 1 else ''}", s, True, False, args.precision, "torch")
                  for s in steps]
+        # the fully optimised path: weights cast once, CUDA graphs, bf16 VQGAN, fixed-count CG fusion
+        fast = dict(vqgan_precision="bf16", cuda_graphs=True, cg_iterations=30)
+        rows += [RowSpec(f"ours, all optimisations: LCM-{T} batched", T, True, False, "bf16_weights", "torch", **fast)]
+        rows += [RowSpec(f"ours, all optimisations: student {s} step{'s' if s > 1 else ''}", s, True, False,
+                         "bf16_weights", "torch", **fast) for s in steps]
         return rows
     steps = args.student_steps or [4]
     rows = []
@@ -130,9 +141,11 @@ def make_engine(spec: RowSpec, vqgan, unet, cfg, device, names, fallback_masks, 
     from gl_lcm.inference.segmenter import WithFallback
 
     segmenter = WithFallback(Segmenter("classical"), dict(zip(names, fallback_masks)))
-    fusion = dataclasses.replace(FusionSettings.from_config(cfg), backend=spec.fusion)
+    fusion = dataclasses.replace(FusionSettings.from_config(cfg), backend=spec.fusion,
+                                 cg_iterations=spec.cg_iterations)
     return InferenceEngine(vqgan, unet, SamplingSettings.from_config(cfg), fusion, PixelSettings.from_config(cfg),
                            device, segmenter=segmenter, precision=spec.precision, compile=compile_unet,
+                           vqgan_precision=spec.vqgan_precision, cuda_graphs=spec.cuda_graphs,
                            batched=spec.batched, rebuild_scheduler=spec.rebuild)
 
 

@@ -26,7 +26,7 @@ from gl_lcm.diffusion.guidance import GUIDANCE_MODES
 from gl_lcm.diffusion.schedule import VALID_PREDICTION_TYPES, VALID_SCHEDULES
 from gl_lcm.fusion import FUSION_MODES, POISSON_BACKENDS
 from gl_lcm.metrics import LPIPS_PROTOCOLS
-from gl_lcm.runtime import PRECISIONS
+from gl_lcm.runtime import DENOISER_PRECISIONS, PRECISIONS
 from gl_lcm.segmentation.learned import SEGMENTATION_METHODS
 
 
@@ -218,6 +218,9 @@ class FusionConfig:
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
     erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
                            "dark decoder rim (about one latent cell) out", min=0)
+    cg_iterations: int = opt(0, "torch backend: 0 iterates conjugate gradients to tolerance (a convergence test "
+                                "per iteration); N > 0 runs exactly N iterations with no host synchronisation "
+                                "(GPUs; 20 reach the float solver to ~1e-6 on phantoms)", min=0)
 
 
 @dataclass
@@ -282,13 +285,17 @@ class EvalConfig:
     batch_size: int = opt(2, "images sampled together (results do not depend on it)", min=1)
     save_figures: bool = opt(True, "write CXR | prediction | ground truth | |difference| figures")
     bit_depth: int = opt(8, "bit depth of written predictions", choices=[8, 16])
-    precision: str = opt("fp32", "UNet precision at inference: fp32, or bf16 / fp16 under autocast (ours; the "
-                                 "published code runs fp32)", choices=PRECISIONS)
+    precision: str = opt("fp32", "UNet precision at inference: fp32, bf16 / fp16 under autocast, or bf16_weights / "
+                                 "fp16_weights (weights cast once, no autocast: a third of the per-call operations) "
+                                 "(ours; the published code runs fp32)", choices=DENOISER_PRECISIONS)
     vqgan_precision: str = opt("fp32", "VQGAN encode/decode precision (fp32 keeps the output pixels exact)",
                                choices=PRECISIONS)
     compile: bool = opt(False, "torch.compile the UNet for fixed-shape sampling (first batch compiles; pays off "
                                "on GPUs over many batches)")
     channels_last: bool = opt(True, "channels_last memory format for the UNet and VQGAN on CUDA (ignored on CPU)")
+    cuda_graphs: bool = opt(False, "capture the fixed-shape sampling call with CUDA graphs (torch.compile "
+                                   "reduce-overhead; takes the place of eval.compile; CUDA only, ignored with a "
+                                   "warning elsewhere)")
     loader_workers: int = opt(2, "threads that read, decode and segment the next batches while the model samples "
                                  "(0 = load in the main thread)", min=0)
 

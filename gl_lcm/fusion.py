@@ -234,9 +234,11 @@ def _as_tensor(a, device, dtype):
     return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
 
-def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter: int):
+def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter: int, fixed_iterations: int = 0):
     """CG for one component: returns (u, iterations), u the n1 x n2 correction over rows y0:y1, cols x0:x1
-    (zero where ``m``, the component's 0/1 mask in that box, is 0); see :func:`poisson_fuse_torch`."""
+    (zero where ``m``, the component's 0/1 mask in that box, is 0); see :func:`poisson_fuse_torch`.
+    ``fixed_iterations`` > 0: exactly that many iterations with no convergence test, every scalar kept
+    on the device (no host synchronisation)."""
     import torch
 
     device, dtype = g.device, g.dtype
@@ -268,6 +270,20 @@ def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter
     p = z.clone()
     rz = torch.dot(r.flatten(), z.flatten())
     iterations = 0
+    if fixed_iterations > 0:
+        for _ in range(fixed_iterations):
+            ap[1:-1, 1:-1] = lap(p).neg_().mul_(m)
+            pap = torch.dot(p.flatten(), ap.flatten())
+            # an exact solution (rz = 0) makes every later update 0 instead of 0/0
+            alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+            u.add_(p * alpha)
+            r.sub_(ap * alpha)
+            z = precondition(r)
+            rz_new = torch.dot(r.flatten(), z.flatten())
+            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+            p.mul_(beta).add_(z)
+            rz = rz_new
+        return u[1:-1, 1:-1], fixed_iterations
     for iterations in range(1, max_iter + 1):
         if float(rz) <= 0.0:  # exact (e.g. local == global + constant): nothing left to solve
             break
@@ -288,7 +304,7 @@ def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter
 
 
 def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device=None, dtype=None,
-                       tol: float = 3e-5, max_iter: int = 500):
+                       tol: float = 3e-5, max_iter: int = 500, fixed_iterations: int = 0):
     """``poisson_fuse`` in torch: same equations, solved on ``device`` (ours, not published).
 
     Unknowns are the pixels of ``interior_mask(mask)``; writing the result as ``global + u`` with
@@ -310,6 +326,8 @@ def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device
         tol: stop when the largest CG update is below this (grey levels in [0, 1] units); the result
             is then within about ``tol`` of the exact solution.
         max_iter: CG iteration cap (a RuntimeError names it if reached).
+        fixed_iterations: > 0 runs exactly that many CG iterations per component without testing
+            convergence, so the solve never waits for the device (ours, for GPUs); 0 iterates to ``tol``.
 
     Returns:
         H x W float32 numpy array for numpy inputs, or a float32 tensor on ``device`` for tensor
@@ -344,7 +362,7 @@ def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device
             continue
         (ys, xs) = found
         comp = torch.from_numpy(labels[ys, xs] == component).to(device=device, dtype=dtype)
-        u, its = _pcg_box(g, loc, comp, ys.start, ys.stop, xs.start, xs.stop, tol, max_iter)
+        u, its = _pcg_box(g, loc, comp, ys.start, ys.stop, xs.start, xs.stop, tol, max_iter, fixed_iterations)
         fused[ys, xs] += u
         iterations.append(its)
     poisson_fuse_torch.last_iterations = iterations  # for benchmarks and tests

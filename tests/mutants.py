@@ -59,8 +59,9 @@ MUTANTS = [
            ("tests/test_lcm_scheduler.py",)),
     Mutant("dual path: clip index from the sampler's own step count",
            "gl_lcm/diffusion/samplers.py",
-           "        clip = clip_range_fn(t) if clip_range_fn is not None else None",
-           "        clip = clip_range_fn(999 - 20 * j) if clip_range_fn is not None else None",
+           "    clips = [clip_range_fn(t).to(device) if clip_range_fn is not None else None for t in timesteps]",
+           "    clips = [clip_range_fn(999 - 20 * j).to(device) if clip_range_fn is not None else None\n"
+           "             for j, t in enumerate(timesteps)]",
            ("tests/test_pipeline.py",)),
     Mutant("dual path: global and local predictions swapped in the guidance call",
            "gl_lcm/diffusion/samplers.py",

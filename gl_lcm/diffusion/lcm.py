@@ -235,8 +235,7 @@ class LCMScheduler:
             check_custom_timesteps(timesteps, self.num_train_timesteps)
             self.timesteps = torch.tensor([int(t) for t in timesteps], device=device, dtype=torch.long)
             self.num_inference_steps = len(timesteps)
-            self._step_index = None
-            self._begin_index = None
+            self._after_set_timesteps(device, [int(t) for t in timesteps])
             return
         if num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps or timesteps")
@@ -265,8 +264,29 @@ class LCMScheduler:
         indices = np.floor(np.linspace(0, original_steps, num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = torch.from_numpy(grid_descending[indices].copy()).to(device=device, dtype=torch.long)
         self.num_inference_steps = num_inference_steps
+        self._after_set_timesteps(device, [int(t) for t in grid_descending[indices]])
+
+    @property
+    def timestep_list(self) -> list[int]:
+        """``timesteps`` as Python ints (read without touching device memory)."""
+        return list(self._timestep_list)
+
+    def _after_set_timesteps(self, device, timesteps: list[int]) -> None:
+        """Reset the step index; keep the timesteps as Python ints and alpha_bar on ``device``, so that
+        ``step`` never reads device memory or copies to it (no host synchronisation per step)."""
         self._step_index = None
         self._begin_index = None
+        self._timestep_list = timesteps
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._alphas_on_device = (device, self.alphas_cumprod.to(device), self.final_alpha_cumprod.to(device))
+
+    def _alphas(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(alphas_cumprod, final_alpha_cumprod) on ``device`` (copied once per device)."""
+        cached = getattr(self, "_alphas_on_device", None)
+        if cached is None or cached[0] != device:
+            cached = (device, self.alphas_cumprod.to(device), self.final_alpha_cumprod.to(device))
+            self._alphas_on_device = cached
+        return cached[1], cached[2]
 
     def index_for_timestep(self, timestep: Tensor | int) -> int:
         """Position of ``timestep`` in ``timesteps`` (the second match if it repeats, like diffusers)."""
@@ -311,13 +331,14 @@ class LCMScheduler:
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
         timestep = int(timestep)
         next_index = self._step_index + 1
-        prev_timestep = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else timestep
+        steps = self._timestep_list
+        prev_timestep = steps[next_index] if next_index < len(steps) else timestep
 
-        alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        alpha_bar_prev = alpha_bar_prev.to(device=sample.device)
+        alphas_cumprod, final_alpha_cumprod = self._alphas(sample.device)
+        alpha_bar_prev = alphas_cumprod[prev_timestep] if prev_timestep >= 0 else final_alpha_cumprod
         c_skip, c_out = boundary_condition_scalings(timestep, self.sigma_data, self.timestep_scaling)
 
-        x0_hat, _ = predict_x0_and_eps(model_output, sample, timestep, self.alphas_cumprod, self.prediction_type)
+        x0_hat, _ = predict_x0_and_eps(model_output, sample, timestep, alphas_cumprod, self.prediction_type)
         if clip_range is None and self.clip_sample:
             clip_range = self.clip_sample_range
         if clip_range is not None:

@@ -67,9 +67,12 @@ def sample_lcm(
 
 
 class DualPathNoise(Protocol):
-    """Random numbers of :func:`sample_dual_path` (implementations: gl_lcm.diffusion.noise)."""
+    """Random numbers of :func:`sample_dual_path` (implementations: gl_lcm.diffusion.noise).
 
-    def check(self, shape, num_steps: int, needs_leg: bool) -> None: ...
+    ``prepare`` is called once before the loop and puts every draw on the device (shape: the B x C x h x w
+    of one path); the other methods then only index."""
+
+    def prepare(self, shape, num_steps: int, needs_leg: bool, device, dtype) -> None: ...
     def initial(self) -> Tensor: ...
     def step(self, j: int, last: bool) -> Optional[Tensor]: ...
     def leg(self, j: int) -> Tensor: ...
@@ -113,26 +116,29 @@ def sample_dual_path(
         (z_global, z_local), each B x C x h x w: the last step's denoised estimates.
     """
     b, device, dtype = cond_global.shape[0], cond_global.device, cond_global.dtype
-    noise.check(cond_global.shape, num_steps, guidance_mode == "leg")
-    x_T = noise.initial().to(device=device, dtype=dtype)
+    # everything the loop needs is put on the device first: the loop itself never synchronises with the host
+    noise.prepare(cond_global.shape, num_steps, guidance_mode == "leg", device, dtype)
+    x_T = noise.initial()
     x = torch.cat([x_T, x_T])  # both paths start from the same noise
     cond = torch.cat([cond_global, cond_local])
     scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps.tolist()
+    scheduler.set_begin_index(0)
+    timesteps = scheduler.timestep_list
+    clips = [clip_range_fn(t).to(device) if clip_range_fn is not None else None for t in timesteps]
+    t_batches = [torch.full((2 * b,), t, device=device, dtype=torch.long) for t in timesteps]
     denoised = x
     for j, t in enumerate(tqdm(timesteps, desc="dual-path LCM", disable=not progress, leave=False)):
-        t_batch = torch.full((2 * b,), t, device=device, dtype=torch.long)
+        t_batch = t_batches[j]
         if batched:
             out = model_fn(x, t_batch, cond)
         else:
             out = torch.cat([model_fn(x[:b], t_batch[:b], cond[:b]), model_fn(x[b:], t_batch[b:], cond[b:])])
         eps_global, eps_local = out[:b], out[b:]
-        leg_noise = noise.leg(j).to(device, dtype) if guidance_mode == "leg" else None
+        leg_noise = noise.leg(j) if guidance_mode == "leg" else None
         step_noise = noise.step(j, j == len(timesteps) - 1)
-        step_noise = step_noise.to(device, dtype) if step_noise is not None else None
         eps_local = apply_guidance(guidance_mode, eps_global, eps_local, guidance_alpha, noise=leg_noise,
                                    zero_channels=leg_zero_channels)
-        clip = clip_range_fn(t) if clip_range_fn is not None else None
+        clip = clips[j]
         if fresh_scheduler is not None:
             scheduler = fresh_scheduler()
             scheduler.set_timesteps(num_steps, device=device)

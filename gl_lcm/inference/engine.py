@@ -84,6 +84,7 @@ class InferenceEngine:
     def __init__(self, vqgan, unet, sampling: SamplingSettings, fusion: FusionSettings, pixels: PixelSettings,
                  device: torch.device, segmenter: Optional[Segmenter] = None, precision: str = "fp32",
                  vqgan_precision: str = "fp32", compile: bool = False, channels_last: bool = True,
+                 cuda_graphs: bool = False,
                  noise_source: Optional[Callable[[Sequence[str], tuple, int], GivenNoise]] = None,
                  batched: bool = True, rebuild_scheduler: bool = False):
         from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
@@ -93,7 +94,7 @@ class InferenceEngine:
         self.segmenter = segmenter
         self.noise_source, self.batched, self.rebuild_scheduler = noise_source, batched, rebuild_scheduler
         # how the networks run (precision / compile / channels_last); fp32 = the modules themselves
-        self.denoiser = prepare_denoiser(unet, device, precision, compile, channels_last)
+        self.denoiser = prepare_denoiser(unet, device, precision, compile, channels_last, cuda_graphs)
         self.codec = prepare_vqgan(vqgan, device, vqgan_precision, channels_last)
         self.timer = StageTimer(device)
         self.last_latents: tuple = ()  # the latents of the last run() / run_global(), for checks
@@ -109,7 +110,7 @@ class InferenceEngine:
                    PixelSettings.from_config(cfg), device,
                    segmenter=Segmenter.from_config(cfg, device) if segmenter is True else (segmenter or None),
                    precision=e.precision, vqgan_precision=e.vqgan_precision, compile=e.compile,
-                   channels_last=e.channels_last, **options)
+                   channels_last=e.channels_last, cuda_graphs=e.cuda_graphs, **options)
 
     @classmethod
     def from_config(cls, cfg: Config, model: Optional[str] = None, device: Optional[torch.device] = None,

@@ -133,17 +133,20 @@ def sample_single_path(model, cond: torch.Tensor, settings: SamplingSettings, nu
 
 @dataclass(frozen=True)
 class FusionSettings:
-    """Global-local fusion: mode, Poisson backend, feathering (pixels at 1024) and mask erosion (pixels)."""
+    """Global-local fusion: mode, Poisson backend, feathering (pixels at 1024), mask erosion (pixels) and
+    the torch backend's fixed CG iteration count (0: to tolerance)."""
 
     mode: str
     backend: str
     feather_px: float
     erode_px: int
+    cg_iterations: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "FusionSettings":
         f = cfg.fusion
-        return cls(mode=f.mode, backend=f.backend, feather_px=f.feather_px, erode_px=f.erode_px)
+        return cls(mode=f.mode, backend=f.backend, feather_px=f.feather_px, erode_px=f.erode_px,
+                   cg_iterations=f.cg_iterations)
 
     def fuse(self, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, mode: Optional[str] = None,
              device=None) -> np.ndarray:
@@ -152,8 +155,10 @@ class FusionSettings:
         ``device``: where the torch Poisson backend solves."""
         scale = global_img.shape[0] / 1024
         mode = mode or self.mode
+        fixed = {"fixed_iterations": self.cg_iterations} if mode == "poisson" and self.backend == "torch" \
+            and self.cg_iterations else {}
         return fuse(mode, global_img, local_img, mask, backend=self.backend, erode_px=self.erode_px,
-                    feather_px=self.feather_px * scale, device=device if self.backend == "torch" else None)
+                    feather_px=self.feather_px * scale, device=device if self.backend == "torch" else None, **fixed)
 
 
 @dataclass(frozen=True)
