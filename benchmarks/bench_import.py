@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from _machine import machine_line  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny models (smoke run)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary files (default: system temp)")
     args = ap.parse_args()
-    from published_standins import published_unet, published_vqvae
+    from gl_lcm.models.published_standins import published_unet, published_vqvae
 
     u_kw, v_kw = (SMALL_UNET, SMALL_VQVAE) if args.small else (PAPER_UNET, PAPER_VQVAE)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -71,7 +71,7 @@ def main() -> None:
         torch.save(vq, tmp / "VQGAN.pth")
         del vq
         build_s = time.perf_counter() - t0
-        code = CHILD.format(paths=[str(REPO), str(REPO / "tests")], unet=str(tmp / "UNet.pth"),
+        code = CHILD.format(paths=[str(REPO)], unet=str(tmp / "UNet.pth"),
                             vqgan=str(tmp / "VQGAN.pth"), out=str(tmp / "out"))
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
         if proc.returncode:

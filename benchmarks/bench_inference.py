@@ -6,7 +6,9 @@ configs give the 53.8 M VQGAN and 383 M UNet), phantom CXRs at ``--image-size``.
 
 - ``--table gpu``: the published setting (LCM-50, two UNet calls per step, scheduler rebuilt every
   step, fp32, seamlessClone fusion) against ours (LCM-50 batched, ``--precision`` autocast, torch
-  fusion on the device) and the student at 4, 2 and 1 steps (ours), at each ``--batch-sizes``.
+  fusion on the device) and the student at 4, 2 and 1 steps (ours), then the same with every
+  optimisation (UNet weights cast to bf16 once, CUDA graphs, bf16 VQGAN, 30 fixed CG iterations),
+  at each ``--batch-sizes``. Every row runs the inference engine that ``gl-lcm evaluate`` runs.
 - ``--table cpu``: the student at ``--student-steps`` with the previous default (fp32, sparse float
   fusion) against the current one (fp32, torch fusion): before / after.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class RowSpec:
     rebuild: bool
     precision: str
     fusion: str  # fusion.backend: torch, float or opencv
+    vqgan_precision: str = "fp32"
+    cuda_graphs: bool = False
+    cg_iterations: int = 0  # fusion.cg_iterations (0: CG to tolerance)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="precision of 'ours' rows")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16_weights"],
+                   help="UNet precision of the plain 'ours' rows (the 'all optimisations' rows use bf16_weights)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet in 'ours' rows")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--student-steps", type=int, nargs="+", default=None,
@@ -82,6 +87,11 @@ def row_specs(args) -> list[RowSpec]:
                 RowSpec(f"ours: LCM-{T} batched", T, True, False, args.precision, "torch")]
         rows += [RowSpec(f"ours: student {s} step{'s' if s > 1 else ''}", s, True, False, args.precision, "torch")
                  for s in steps]
+        # the fully optimised path: weights cast once, CUDA graphs, bf16 VQGAN, fixed-count CG fusion
+        fast = dict(vqgan_precision="bf16", cuda_graphs=True, cg_iterations=30)
+        rows += [RowSpec(f"ours, all optimisations: LCM-{T} batched", T, True, False, "bf16_weights", "torch", **fast)]
+        rows += [RowSpec(f"ours, all optimisations: student {s} step{'s' if s > 1 else ''}", s, True, False,
+                         "bf16_weights", "torch", **fast) for s in steps]
         return rows
     steps = args.student_steps or [4]
     rows = []
@@ -122,49 +132,32 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_once(spec: RowSpec, steps: int, vqgan, unet, cfg, device, names, cxrs, fallback_masks, compile_unet=False):
-    """Stage seconds for one batch (whole batch, not per image)."""
-    from gl_lcm.data.datasets import masked
-    from gl_lcm.pipeline import dual_path_sample, fuse_with_config, image_generators, postprocess_paths
-    from gl_lcm.runtime import prepare_denoiser, prepare_vqgan
-    from gl_lcm.segmentation import NoLungFoundError, segment_lungs
+def make_engine(spec: RowSpec, vqgan, unet, cfg, device, names, fallback_masks, compile_unet=False):
+    """The inference engine for one row: the classical segmentation (phantom mask where it finds no lung),
+    the row's precision, fusion backend, batching and scheduler rebuild."""
+    import dataclasses
 
-    times = {}
-    t0 = time.perf_counter()
-    masks = []
-    for name, cxr, fb in zip(names, cxrs, fallback_masks):
-        try:
-            masks.append(segment_lungs(cxr, "classical", name=name))
-        except NoLungFoundError:
-            masks.append(fb)
-    times["segment"] = time.perf_counter() - t0
-    denoiser = prepare_denoiser(unet, device, spec.precision, compile_unet, True)
-    codec = prepare_vqgan(vqgan, device, "fp32", True)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = torch.from_numpy(np.stack(cxrs))[:, None].to(device) * 2 - 1
-        m = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None].to(device)
-        both = codec.encode(torch.cat([x, masked(x, m)]))
-        sync(device)
-        times["encode"] = time.perf_counter() - t0
-        b = len(names)
-        t0 = time.perf_counter()
-        z_g, z_l = dual_path_sample(denoiser, both[:b], both[b:], cfg, steps, image_generators(cfg.seed, names),
-                                    batched=spec.batched, rebuild_scheduler=spec.rebuild)
-        sync(device)
-        times["sample"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        decoded = ((codec.decode(torch.cat([z_g, z_l])).clamp(-1, 1)[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
-        times["decode"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cfg.fusion.backend = spec.fusion
-    for i in range(b):
-        g, l = postprocess_paths(cxrs[i], decoded[i], decoded[b + i], masks[i])
-        fuse_with_config(cfg, "poisson", g, l, masks[i], device=device)
-    sync(device)
-    times["fuse"] = time.perf_counter() - t0
-    return times
+    from gl_lcm.inference import FusionSettings, InferenceEngine, PixelSettings, SamplingSettings, Segmenter
+    from gl_lcm.inference.segmenter import WithFallback
+
+    segmenter = WithFallback(Segmenter("classical"), dict(zip(names, fallback_masks)))
+    fusion = dataclasses.replace(FusionSettings.from_config(cfg), backend=spec.fusion,
+                                 cg_iterations=spec.cg_iterations)
+    return InferenceEngine(vqgan, unet, SamplingSettings.from_config(cfg), fusion, PixelSettings.from_config(cfg),
+                           device, segmenter=segmenter, precision=spec.precision, compile=compile_unet,
+                           vqgan_precision=spec.vqgan_precision, cuda_graphs=spec.cuda_graphs,
+                           batched=spec.batched, rebuild_scheduler=spec.rebuild)
+
+
+# engine stage names -> this table's column names
+ENGINE_STAGES = {"segmentation": "segment", "encode": "encode", "sampling": "sample", "decode": "decode",
+                 "fusion": "fuse"}
+
+
+def run_once(engine, steps: int, names, cxrs):
+    """Stage seconds for one batch (whole batch, not per image), through the engine's run()."""
+    engine.run(names, cxrs, num_steps=steps)
+    return {ENGINE_STAGES[k]: v for k, v in engine.timer.seconds.items()}
 
 
 def measure(args) -> tuple[list[dict], torch.device]:
@@ -183,9 +176,9 @@ def measure(args) -> tuple[list[dict], torch.device]:
             print(f"[bench_inference] {spec.name}, batch {bs}", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             compile_unet = args.compile and spec.name.startswith("ours")
-            warm = run_once(spec, 1, vqgan, unet, cfg, device, names, cxrs, fb, compile_unet)
+            engine = make_engine(spec, vqgan, unet, cfg, device, names, fb, compile_unet)
+            warm = run_once(engine, 1, names, cxrs)
             per_step = warm["sample"]
             fixed = sum(warm[s] for s in STAGES if s != "sample")
             steps, note = spec.steps, ""
@@ -196,12 +189,11 @@ def measure(args) -> tuple[list[dict], torch.device]:
                     note = f"sampling timed at {steps} of {spec.steps} steps, scaled"
             else:
                 repeats = args.repeats
-            runs = [run_once(spec, steps, vqgan, unet, cfg, device, names, cxrs, fb, compile_unet)
-                    for _ in range(repeats)]
+            runs = [run_once(engine, steps, names, cxrs) for _ in range(repeats)]
             stage = {s: statistics.median(r[s] for r in runs) / bs for s in STAGES}
             stage["sample"] *= spec.steps / steps
             total = sum(stage.values())
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            peak = engine.timer.peak_gib()
             calls = spec.steps * (1 if spec.batched else 2)
             results.append({"row": spec.name, "batch": bs, "calls": calls, "precision": spec.precision,
                             "fusion": spec.fusion, **stage, "total": total, "images_per_s": 1.0 / total,

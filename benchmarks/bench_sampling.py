@@ -5,7 +5,7 @@ Methods (every row: encode -> sample -> decode (-> post-processing and Poisson f
 
 - DDPM-1000: global path only, one UNet call per training timestep (BS-LDM style);
 - LCM-50 as published: dual path with two UNet calls per step (global, then local) and a
-  scheduler rebuilt at every step (``dual_path_sample(batched=False, rebuild_scheduler=True)``);
+  scheduler rebuilt at every step (the engine with ``batched=False, rebuild_scheduler=True``);
 - LCM-50 batched: both paths in one UNet call per step (the package default);
 - student at 1 / 2 / 4 steps (batched dual path).
 
@@ -32,7 +32,6 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -85,28 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-# ----------------------------------------------------------------------------- environment
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Stopwatch:
-    """Stage durations in seconds (CUDA work finished before each reading)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.times: dict[str, float] = {}
-        synchronize(device)
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.times[stage] = self.times.get(stage, 0.0) + now - self._last
-        self._last = now
 
 
 # ----------------------------------------------------------------------------- models and images
@@ -283,83 +260,43 @@ def method_list(args, setup: Setup) -> list[Method]:
     return methods
 
 
-def _to01(x: torch.Tensor) -> np.ndarray:
-    """B x 1 x H x W in [-1, 1] -> B x H x W numpy in [0, 1]."""
-    return ((x[:, 0].float().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+def _engine(setup: Setup, unet, batched: bool = True, rebuild_scheduler: bool = False):
+    """The inference engine over ``unet`` with the setup's config and masks (as `gl-lcm evaluate` runs it)."""
+    from gl_lcm.inference import FusionSettings, InferenceEngine, PixelSettings, SamplingSettings
 
-
-def _ddpm_latents(model, cond: torch.Tensor, cfg, steps: int, gens) -> torch.Tensor:
-    """Global-path DDPM: all T steps (package sampler), or a strided ancestral grid for smoke runs.
-
-    Initial noise per image from ``gens``; the step noise of a batch comes from its first generator.
-    """
-    from gl_lcm.diffusion.lcm import dynamic_clip_range
-    from gl_lcm.diffusion.samplers import sample_ddim
-    from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas
-    from gl_lcm.pipeline import randn_per_image, sample_latents
-
-    x_T = randn_per_image(gens, cond.shape[1:], cond.device)
-    d = cfg.diffusion
-    if steps >= d.num_train_timesteps:
-        return sample_latents(model, cond, cfg, d.num_train_timesteps, generator=gens[0], sampler="ddpm",
-                              noise=x_T)
-    omega = cfg.lcm.global_omega
-    clip = (lambda j: dynamic_clip_range(j, omega, cfg.lcm.clip_b)) if cfg.lcm.dynamic_clip else None
-    betas = make_betas(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
-    return sample_ddim(lambda x, t: model(x, t, cond), alphas_cumprod_from_betas(betas), x_T, steps, eta=1.0,
-                       generator=gens[0], prediction_type=d.prediction_type, clip_range_fn=clip)
+    cfg = setup.cfg
+    return InferenceEngine(setup.vqgan, unet, SamplingSettings.from_config(cfg), FusionSettings.from_config(cfg),
+                           PixelSettings.from_config(cfg), setup.device, batched=batched,
+                           rebuild_scheduler=rebuild_scheduler)
 
 
 @torch.no_grad()
-def run_batch(method: Method, setup: Setup, idx: list[int], watch: Stopwatch):
-    """One batch through one method: (outputs H x W in [0, 1], latents B x C x h x w or (z_g, z_l))."""
-    from gl_lcm.data.datasets import masked
-    from gl_lcm.pipeline import dual_path_sample, fuse_with_config, image_generators, postprocess_paths
-
-    cfg, dev, vqgan = setup.cfg, setup.device, setup.vqgan
-    model = setup.teacher if method.model == "teacher" else setup.student
+def run_batch(method: Method, setup: Setup, idx: list[int], unet=None):
+    """One batch through one method: (outputs H x W in [0, 1], latents, stage seconds)."""
+    model = unet or (setup.teacher if method.model == "teacher" else setup.student)
     names = [setup.names[i] for i in idx]
     cxrs = [setup.cxrs[i] for i in idx]
-    gens = image_generators(cfg.seed, names)
-    x = torch.from_numpy(np.stack(cxrs))[:, None].to(dev) * 2 - 1
-    b = len(idx)
     if method.kind == "ddpm":
-        cond = vqgan.encode(x)
-        watch.lap("encode")
-        z = _ddpm_latents(model, cond, cfg, method.steps, gens)
-        watch.lap("sampling")
-        decoded = _to01(vqgan.decode(z).clamp(-1, 1))
-        watch.lap("decode")
-        outs = [np.where(c <= 0, 0.0, d).astype(np.float32) for c, d in zip(cxrs, decoded)]
-        watch.lap("fusion")  # only the exposure mask here: no fusion on a single path
-        return outs, z
-    m = torch.from_numpy(np.stack([setup.masks[i] for i in idx]).astype(np.float32))[:, None].to(dev)
-    both = vqgan.encode(torch.cat([x, masked(x, m)]))
-    watch.lap("encode")
-    z_g, z_l = dual_path_sample(model, both[:b], both[b:], cfg, method.steps, gens, batched=method.batched,
-                                rebuild_scheduler=method.rebuild_scheduler)
-    watch.lap("sampling")
-    decoded = _to01(vqgan.decode(torch.cat([z_g, z_l])).clamp(-1, 1))
-    watch.lap("decode")
-    outs = []
-    for i in range(b):
-        mask = setup.masks[idx[i]]
-        g, l = postprocess_paths(cxrs[i], decoded[i], decoded[b + i], mask)
-        outs.append(np.clip(fuse_with_config(cfg, cfg.fusion.mode, g, l, mask), 0, 1).astype(np.float32))
-    watch.lap("fusion")
-    return outs, (z_g, z_l)
+        engine = _engine(setup, model)
+        outs = engine.run_global(names, cxrs, method.steps, sampler="ddpm")
+    else:
+        engine = _engine(setup, model, method.batched, method.rebuild_scheduler)
+        outs = [r.fused for r in engine.run(names, cxrs, [setup.masks[i] for i in idx], num_steps=method.steps)]
+    return outs, engine.last_latents, dict(engine.timer.seconds)
 
 
 def run_method(method: Method, setup: Setup, batch_size: int):
     """Every image through ``method``: (stage seconds summed over batches, outputs, latents per batch)."""
-    watch = Stopwatch(setup.device)
+    times: dict[str, float] = {}
     outs, latents = [], []
     n = len(setup.names)
     for start in range(0, n, batch_size):
-        o, z = run_batch(method, setup, list(range(start, min(start + batch_size, n))), watch)
+        o, z, t = run_batch(method, setup, list(range(start, min(start + batch_size, n))))
         outs += o
         latents.append(z)
-    return watch.times, outs, latents
+        for k, v in t.items():
+            times[k] = times.get(k, 0.0) + v
+    return times, outs, latents
 
 
 def metrics_of(setup: Setup, outs: list[np.ndarray]) -> tuple[str, str]:
@@ -389,12 +326,11 @@ class PerSampleUNet(torch.nn.Module):
 def exact_equivalence_diff(setup: Setup, sequential: Method, batched: Method, batch_size: int) -> float:
     """Max abs latent difference of the two dual-path variants on the first batch, with per-sample UNet
     arithmetic: 0 unless the variants differ in noise, guidance or scheduler steps."""
-    from dataclasses import replace
 
-    exact = replace(setup, teacher=PerSampleUNet(setup.teacher))
+    exact = PerSampleUNet(setup.teacher)
     idx = list(range(min(batch_size, len(setup.names))))
-    _, za = run_batch(sequential, exact, idx, Stopwatch(setup.device))
-    _, zb = run_batch(batched, exact, idx, Stopwatch(setup.device))
+    _, za, _ = run_batch(sequential, setup, idx, unet=exact)
+    _, zb, _ = run_batch(batched, setup, idx, unet=exact)
     return max_abs_diff([za], [zb])
 
 
@@ -414,8 +350,8 @@ def main(argv=None) -> int:
 
     # warm-up: one batch of a short dual-path run and a few single-path steps (kernels, allocator, caches)
     warm = Method("warm-up", "dual", "teacher", 1)
-    run_batch(warm, setup, list(range(min(args.batch_size, n))), Stopwatch(setup.device))
-    run_batch(Method("warm-up", "ddpm", "teacher", 2), setup, [0], Stopwatch(setup.device))
+    run_batch(warm, setup, list(range(min(args.batch_size, n))))
+    run_batch(Method("warm-up", "ddpm", "teacher", 2), setup, [0])
 
     rows, first_latents = [], {}
     for method in methods:

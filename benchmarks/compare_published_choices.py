@@ -53,7 +53,7 @@ def main() -> None:
     from gl_lcm.data.io import read_image
     from gl_lcm.metrics import compute_metrics, summarize
     from gl_lcm.models.factory import load_denoiser, load_vqgan
-    from gl_lcm.pipeline import GLLCMPipeline
+    from gl_lcm.inference import FusionSettings, InferenceEngine, PixelSettings, SamplingSettings
     from gl_lcm.segmentation import load_masks_from_folder
 
     if args.demo:
@@ -83,10 +83,11 @@ def main() -> None:
     rows = []
     for label, overrides in VARIANTS:
         cfg = from_dict(Config, apply_overrides(to_dict(from_dict(Config, base_dict)), overrides))
-        pipe = GLLCMPipeline(vqgan, unet, cfg, torch.device("cpu"))
+        engine = InferenceEngine(vqgan, unet, SamplingSettings.from_config(cfg, base), FusionSettings.from_config(cfg),
+                                 PixelSettings.from_config(cfg), torch.device("cpu"))
         metrics = []
         for i in range(0, len(names), 4):
-            res = pipe.run(names[i:i + 4], cxrs[i:i + 4], masks[i:i + 4], num_steps=steps)
+            res = engine.run(names[i:i + 4], cxrs[i:i + 4], masks[i:i + 4], num_steps=steps)
             metrics += [compute_metrics(cxrs[i + k], gts[i + k], r.fused, image_size=size) for k, r in enumerate(res)]
         s = summarize(metrics)
         rows.append((label, s))

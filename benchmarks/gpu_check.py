@@ -4,8 +4,9 @@
 On a CUDA machine (about 8 minutes on one H100/H200):
 
 1. ``pytest -m cuda``: autocast, compile, Poisson fusion on the device, DDP with nccl on one rank;
-2. a 20-step run of each training command (train-vqgan, train-ldm, distill, train-seg) with the tiny
-   configs in bf16 under torchrun (one process per visible GPU) on freshly generated phantoms;
+2. a 20-step run of each training command (train-vqgan, train-ldm, distill, train-onestep, train-seg) with
+   the tiny configs in bf16 under torchrun (one process per visible GPU) on freshly generated phantoms; a
+   failed run prints its child's last 20 stderr lines (the traceback) and a one-line reason in the table;
 3. paper-sized inference at 1024 x 1024 (random weights: configs/vqgan_paper.yaml + configs/unet_paper.yaml):
    the published setting (LCM-50, two UNet calls per step, scheduler rebuilt, fp32, seamlessClone)
    against ours (LCM-50 batched, bf16, torch fusion on the device) and the student at 4, 2 and 1
@@ -64,8 +65,38 @@ def cuda_tests(tmp: Path) -> list[dict]:
     return rows or [row("cuda tests", "pytest -m cuda", f"no tests collected (exit {proc.returncode})", wall)]
 
 
+def child_error_lines(log_dir: Path, fallback: str, n: int = 20) -> list[str]:
+    """The last ``n`` lines of the failing child's own stderr: its traceback, not torchrun's banner.
+
+    torchrun (``--log-dir --tee 3``) writes each rank's output to ``<log_dir>/<run>/attempt_<k>/<rank>/
+    stderr.log``; the first rank whose log holds a traceback is chosen (else the first non-empty log, else
+    ``fallback``, the captured output). Progress-bar redraws (carriage returns) keep their last state.
+    """
+    logs = sorted(log_dir.rglob("stderr.log"), key=lambda p: (len(p.parts), str(p))) if log_dir.is_dir() else []
+    texts = [p.read_text(errors="replace") for p in logs]
+    text = next((t for t in texts if "Traceback (most recent call last)" in t),
+                next((t for t in texts if t.strip()), fallback))
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+    lines = [line for line in lines if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        lines = lines[starts[-1]:]
+    return lines[-n:]
+
+
+def failure_reason(lines: list[str]) -> str:
+    """One line for the table: the exception line of the traceback (or the last line), Markdown-safe."""
+    exc = [line for line in lines if not line.startswith((" ", "\t")) and ("Error" in line or "Exception" in line)]
+    reason = (exc or lines or ["no output"])[-1].strip()
+    return reason[:160].replace("|", "/")
+
+
 def training_runs(tmp: Path, steps: int, device: str = "cuda") -> list[dict]:
-    """A ``steps``-step bf16 run of each training command under torchrun (tiny configs, phantoms)."""
+    """A ``steps``-step bf16 run of each training command under torchrun (tiny configs, phantoms).
+
+    A failed run gets a one-line reason in the table and its child's last 20 stderr lines (the
+    traceback) printed right away, before the table.
+    """
     nproc = max(1, torch.cuda.device_count()) if device == "cuda" else 1
     data, runs = tmp / "phantoms", tmp / "runs"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -73,26 +104,51 @@ def training_runs(tmp: Path, steps: int, device: str = "cuda") -> list[dict]:
                    cwd=REPO, env=env, check=True, capture_output=True)
     common = [f"data.root={data}", f"train.max_steps={steps}", "train.mixed_precision=bf16", f"device={device}",
               f"train.ckpt_every={steps}", f"train.val_every={steps}", "train.log_every=5"]
-    vq, ldm = runs / "vqgan" / "model.pt", runs / "ldm" / "model.pt"
+    vq, ldm, student = runs / "vqgan" / "model.pt", runs / "ldm" / "model.pt", runs / "distill" / "model.pt"
+    half = max(1, steps // 2)  # train-onestep: latent-only steps, then steps through the decoder
     commands = [
         ("train-vqgan", "configs/vqgan_tiny.yaml", [f"train.output_dir={runs / 'vqgan'}"]),
         ("train-ldm", "configs/ldm_tiny.yaml", [f"train.output_dir={runs / 'ldm'}", f"checkpoints.vqgan={vq}"]),
         ("distill", "configs/distill_tiny.yaml", [f"train.output_dir={runs / 'distill'}", f"checkpoints.vqgan={vq}",
                                                   f"checkpoints.teacher={ldm}"]),
+        ("train-onestep", "configs/onestep_tiny.yaml", [f"train.output_dir={runs / 'onestep'}",
+                                                        f"checkpoints.vqgan={vq}", f"checkpoints.teacher={ldm}",
+                                                        f"onestep.latent_only_steps={half}",
+                                                        f"train.lr_milestones=[{half}]", "train.warmup_steps=0"]),
         ("train-seg", "configs/segnet_tiny.yaml", [f"train.output_dir={runs / 'seg'}"]),
     ]
     rows = []
     for cmd, config, extra in commands:
+        note = ""
+        if cmd == "train-onestep":  # from the distilled student as in the recipe; from the teacher if there is none
+            extra = extra + [f"checkpoints.student={student if student.is_file() else ''}"]
+            note = " (from the distilled student)" if student.is_file() else " (from the teacher: no distilled student)"
+        log_dir = tmp / "torchrun_logs" / cmd
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", "-m", "gl_lcm.cli", cmd, "--config", config, *common,
-                               *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={nproc}", f"--log-dir={log_dir}", "--tee=3",
+                                   "-m", "gl_lcm.cli", cmd, "--config", config, *common, *extra],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            returncode, output = proc.returncode, (proc.stderr or "") + (proc.stdout or "")
+        except subprocess.TimeoutExpired as exc:
+            returncode = "timeout after 300 s"
+            output = "".join(o.decode(errors="replace") if isinstance(o, bytes) else (o or "")
+                             for o in (exc.stderr, exc.output))
         wall = time.perf_counter() - t0
         out_dir = Path(extra[0].split("=", 1)[1])
-        ok = proc.returncode == 0 and (out_dir / "model.pt").is_file()
-        tail = (proc.stderr or proc.stdout)[-200:].replace("|", "/").replace("\n", " ")
-        rows.append(row("training (bf16, torchrun)", f"{cmd} {steps} steps, {nproc} process(es)",
-                        "passed" if ok else f"FAILED (exit {proc.returncode}): {tail}", wall))
+        ok = returncode == 0 and (out_dir / "model.pt").is_file()
+        case = f"{cmd} {steps} steps, {nproc} process(es){note}"
+        if ok:
+            rows.append(row("training (bf16, torchrun)", case, "passed", wall))
+            continue
+        lines = child_error_lines(log_dir, output)
+        if returncode == 0:
+            lines = lines + [f"exit 0 but no {out_dir / 'model.pt'}"]
+        why = failure_reason(lines) if returncode != 0 else f"no model.pt in {out_dir.name}/"
+        rows.append(row("training (bf16, torchrun)", case, f"FAILED (exit {returncode}): {why}", wall))
+        print(f"### {cmd} failed (exit {returncode}): the child's last {len(lines)} error lines\n\n```\n"
+              + "\n".join(lines) + "\n```\n", flush=True)
     return rows
 
 

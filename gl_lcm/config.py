@@ -21,6 +21,14 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+# Choice lists are declared by the code that owns them; the config refers to them.
+from gl_lcm.diffusion.guidance import GUIDANCE_MODES
+from gl_lcm.diffusion.schedule import VALID_PREDICTION_TYPES, VALID_SCHEDULES
+from gl_lcm.fusion import FUSION_MODES, POISSON_BACKENDS
+from gl_lcm.metrics import LPIPS_PROTOCOLS
+from gl_lcm.runtime import DENOISER_PRECISIONS, PRECISIONS
+from gl_lcm.segmentation.learned import SEGMENTATION_METHODS
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
@@ -108,12 +116,12 @@ class UNetConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = opt(1000, "diffusion steps T", min=2)
-    beta_schedule: str = opt("scaled_linear", "noise schedule", choices=["scaled_linear", "linear", "cosine"])
+    beta_schedule: str = opt("scaled_linear", "noise schedule", choices=VALID_SCHEDULES)
     beta_start: float = opt(0.00085, "first beta", min=0.0, max=1.0)
     beta_end: float = opt(0.012, "last beta", min=0.0, max=1.0)
     prediction_type: str = opt("epsilon", "what the UNet predicts (sample = x0, used by one-step students; sampling "
                                           "takes it from the denoiser's checkpoint)",
-                               choices=["epsilon", "v_prediction", "sample"])
+                               choices=VALID_PREDICTION_TYPES)
     offset_noise: float = opt(0.1, "offset-noise strength in training (0 = plain Gaussian noise)", min=0.0)
     cond_dropout: float = opt(0.0, "probability of zeroing the condition in training (for classifier-free guidance)", min=0.0, max=1.0)
     train_cond_scaling: str = opt("none", "condition latent in teacher training: none (ours, as in sampling) or "
@@ -138,7 +146,7 @@ class LCMConfig:
 
 @dataclass
 class GuidanceConfig:
-    mode: str = opt("leg", "local-path guidance", choices=["vanilla", "cfg", "leg"])
+    mode: str = opt("leg", "local-path guidance", choices=GUIDANCE_MODES)
     alpha: float = opt(3.0, "guidance weight (published 3)")
 
 
@@ -180,7 +188,7 @@ class OneStepConfig:
 class SegmentationConfig:
     method: str = opt("classical", "lung segmentation method (pretrained: the lungs-segmentation package's "
                                    "published ResNet34 U-Net, weights in checkpoints.lungs_segmentation)",
-                      choices=["classical", "unet", "folder", "pretrained"])
+                      choices=SEGMENTATION_METHODS)
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
     mask_threshold: float = opt(0.0, "method 'folder': a mask pixel is lung when its value as a fraction of full scale "
                                      "is >= this; 0 = any nonzero pixel (also 0/1 masks); published 1.0 (255 of 255)",
@@ -205,16 +213,19 @@ class SegmentationConfig:
 
 @dataclass
 class FusionConfig:
-    mode: str = opt("poisson", "global-local fusion", choices=["poisson", "alpha", "none"])
+    mode: str = opt("poisson", "global-local fusion", choices=FUSION_MODES)
     backend: str = opt("torch", "Poisson solver: torch (DST-preconditioned CG on the model's device; the float "
                                 "solution to ~3e-5, about 10x faster), float (sparse direct solve on the CPU, keeps "
                                 "16-bit precision), opencv (seamlessClone, 8-bit) or published (seamlessClone exactly "
                                 "as the published code: truncated 8-bit inputs, components < 100 px dropped, centre "
                                 "of the mask's bounding box)",
-                       choices=["torch", "float", "opencv", "published"])
+                       choices=POISSON_BACKENDS)
     feather_px: float = opt(8.0, "Gaussian feather (pixels at 1024) for alpha fusion", min=0.0)
     erode_px: int = opt(8, "shrink the lung mask by this many pixels before fusing, to keep the local result's "
                            "dark decoder rim (about one latent cell) out", min=0)
+    cg_iterations: int = opt(0, "torch backend: 0 iterates conjugate gradients to tolerance (a convergence test "
+                                "per iteration); N > 0 runs exactly N iterations with no host synchronisation "
+                                "(GPUs; 20 reach the float solver to ~1e-6 on phantoms)", min=0)
 
 
 @dataclass
@@ -238,7 +249,7 @@ class MetricsConfig:
     lpips_missing: str = opt("error", "when metrics.lpips is true but the AlexNet weights are not found: error (stop "
                                       "before any work; the message names the install command) or skip (warn once "
                                       "and leave the LPIPS column empty)", choices=["error", "skip"])
-    lpips_protocol: str = opt("published", "published: 1-channel [0,1] input as the paper; standard: rescaled to [-1,1]", choices=["published", "standard"])
+    lpips_protocol: str = opt("published", "published: 1-channel [0,1] input as the paper; standard: rescaled to [-1,1]", choices=LPIPS_PROTOCOLS)
     lpips_weights: str = opt("", "AlexNet trunk weights, .safetensors or torchvision .pth (empty = "
                                  "lpips_alex.safetensors in $GL_LCM_HOME/weights, default ~/.cache/gl_lcm/weights, "
                                  "then $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)")
@@ -285,13 +296,17 @@ class EvalConfig:
     batch_size: int = opt(2, "images sampled together (results do not depend on it)", min=1)
     save_figures: bool = opt(True, "write CXR | prediction | ground truth | |difference| figures")
     bit_depth: int = opt(8, "bit depth of written predictions", choices=[8, 16])
-    precision: str = opt("fp32", "UNet precision at inference: fp32, or bf16 / fp16 under autocast (ours; the "
-                                 "published code runs fp32)", choices=["fp32", "bf16", "fp16"])
+    precision: str = opt("fp32", "UNet precision at inference: fp32, bf16 / fp16 under autocast, or bf16_weights / "
+                                 "fp16_weights (weights cast once, no autocast: a third of the per-call operations) "
+                                 "(ours; the published code runs fp32)", choices=DENOISER_PRECISIONS)
     vqgan_precision: str = opt("fp32", "VQGAN encode/decode precision (fp32 keeps the output pixels exact)",
-                               choices=["fp32", "bf16", "fp16"])
+                               choices=PRECISIONS)
     compile: bool = opt(False, "torch.compile the UNet for fixed-shape sampling (first batch compiles; pays off "
                                "on GPUs over many batches)")
     channels_last: bool = opt(True, "channels_last memory format for the UNet and VQGAN on CUDA (ignored on CPU)")
+    cuda_graphs: bool = opt(False, "capture the fixed-shape sampling call with CUDA graphs (torch.compile "
+                                   "reduce-overhead; takes the place of eval.compile; CUDA only, ignored with a "
+                                   "warning elsewhere)")
     loader_workers: int = opt(2, "threads that read, decode and segment the next batches while the model samples "
                                  "(0 = load in the main thread)", min=0)
 
@@ -481,18 +496,12 @@ def check_consistency(cfg: Config, source: str = "") -> None:
         raise ConfigError(f"lcm.num_inference_steps={lcm.num_inference_steps} is greater than "
                           f"lcm.original_inference_steps={lcm.original_inference_steps}{where}: LCM timesteps are "
                           f"taken from that grid; lower the steps or raise the grid")
-    from gl_lcm.diffusion.lcm import check_custom_timesteps
+    from gl_lcm.diffusion.lcm import check_step_schedules
 
-    lengths = [len(s) if isinstance(s, list) else -1 for s in lcm.step_schedules]
-    for schedule in lcm.step_schedules:
-        try:
-            check_custom_timesteps(schedule if isinstance(schedule, list) else [], d.num_train_timesteps)
-        except ValueError as err:
-            raise ConfigError(f"lcm.step_schedules entry {schedule!r}{where}: {err} "
-                              f"(diffusion.num_train_timesteps={d.num_train_timesteps})") from None
-    if len(set(lengths)) != len(lengths):
-        raise ConfigError(f"lcm.step_schedules={lcm.step_schedules}{where} has two schedules of the same length: "
-                          f"sampling picks the schedule by its step count")
+    try:
+        check_step_schedules(lcm.step_schedules, d.num_train_timesteps)
+    except ValueError as err:
+        raise ConfigError(f"lcm.{err}{where} (diffusion.num_train_timesteps={d.num_train_timesteps})") from None
     if d.beta_schedule in ("linear", "scaled_linear") and d.beta_start >= d.beta_end:
         raise ConfigError(f"diffusion.beta_start={d.beta_start} must be smaller than diffusion.beta_end={d.beta_end}"
                           f"{where} (noise must grow with t)")

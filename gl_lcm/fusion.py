@@ -19,7 +19,8 @@ masks are H x W bool (or 0/1, 0/255) arrays of the lung fields.
 - ``poisson_fuse_published``: the published call itself (truncated 8-bit inputs, small
   components dropped, centre of the mask's bounding box), for exact reference runs.
 - ``alpha_fuse``: feathered alpha blending (a cheaper baseline).
-- ``fuse``: one entry point dispatching on a mode name.
+- ``fuse``: the one entry point: mode and backend names as in the config (``fusion.mode``,
+  ``fusion.backend``), lung-mask erosion and feathering.
 
 Differences between the OpenCV path and ``poisson_fuse`` (measured in tests/test_fusion.py):
 OpenCV (photo/seamless_cloning) works on 8-bit 3-channel images; with MONOCHROME_TRANSFER
@@ -43,8 +44,9 @@ import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
 from scipy import ndimage
 
+# The choice lists of the ``fusion`` config section (declared here, referred to by gl_lcm.config).
 FUSION_MODES: Tuple[str, ...] = ("poisson", "alpha", "none")
-POISSON_BACKENDS: Tuple[str, ...] = ("scipy", "torch", "opencv", "published")
+POISSON_BACKENDS: Tuple[str, ...] = ("torch", "float", "opencv", "published")
 
 # 4-neighbour offsets of the 5-point Laplacian.
 _NEIGHBOUR_OFFSETS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -232,9 +234,11 @@ def _as_tensor(a, device, dtype):
     return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
 
-def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter: int):
+def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter: int, fixed_iterations: int = 0):
     """CG for one component: returns (u, iterations), u the n1 x n2 correction over rows y0:y1, cols x0:x1
-    (zero where ``m``, the component's 0/1 mask in that box, is 0); see :func:`poisson_fuse_torch`."""
+    (zero where ``m``, the component's 0/1 mask in that box, is 0); see :func:`poisson_fuse_torch`.
+    ``fixed_iterations`` > 0: exactly that many iterations with no convergence test, every scalar kept
+    on the device (no host synchronisation)."""
     import torch
 
     device, dtype = g.device, g.dtype
@@ -266,6 +270,20 @@ def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter
     p = z.clone()
     rz = torch.dot(r.flatten(), z.flatten())
     iterations = 0
+    if fixed_iterations > 0:
+        for _ in range(fixed_iterations):
+            ap[1:-1, 1:-1] = lap(p).neg_().mul_(m)
+            pap = torch.dot(p.flatten(), ap.flatten())
+            # an exact solution (rz = 0) makes every later update 0 instead of 0/0
+            alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+            u.add_(p * alpha)
+            r.sub_(ap * alpha)
+            z = precondition(r)
+            rz_new = torch.dot(r.flatten(), z.flatten())
+            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+            p.mul_(beta).add_(z)
+            rz = rz_new
+        return u[1:-1, 1:-1], fixed_iterations
     for iterations in range(1, max_iter + 1):
         if float(rz) <= 0.0:  # exact (e.g. local == global + constant): nothing left to solve
             break
@@ -286,7 +304,7 @@ def _pcg_box(g, loc, m, y0: int, y1: int, x0: int, x1: int, tol: float, max_iter
 
 
 def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device=None, dtype=None,
-                       tol: float = 3e-5, max_iter: int = 500):
+                       tol: float = 3e-5, max_iter: int = 500, fixed_iterations: int = 0):
     """``poisson_fuse`` in torch: same equations, solved on ``device`` (ours, not published).
 
     Unknowns are the pixels of ``interior_mask(mask)``; writing the result as ``global + u`` with
@@ -308,6 +326,8 @@ def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device
         tol: stop when the largest CG update is below this (grey levels in [0, 1] units); the result
             is then within about ``tol`` of the exact solution.
         max_iter: CG iteration cap (a RuntimeError names it if reached).
+        fixed_iterations: > 0 runs exactly that many CG iterations per component without testing
+            convergence, so the solve never waits for the device (ours, for GPUs); 0 iterates to ``tol``.
 
     Returns:
         H x W float32 numpy array for numpy inputs, or a float32 tensor on ``device`` for tensor
@@ -342,7 +362,7 @@ def poisson_fuse_torch(global_img, local_img, mask, *, clip: bool = True, device
             continue
         (ys, xs) = found
         comp = torch.from_numpy(labels[ys, xs] == component).to(device=device, dtype=dtype)
-        u, its = _pcg_box(g, loc, comp, ys.start, ys.stop, xs.start, xs.stop, tol, max_iter)
+        u, its = _pcg_box(g, loc, comp, ys.start, ys.stop, xs.start, xs.stop, tol, max_iter, fixed_iterations)
         fused[ys, xs] += u
         iterations.append(its)
     poisson_fuse_torch.last_iterations = iterations  # for benchmarks and tests
@@ -463,39 +483,57 @@ def alpha_fuse(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, 
     return np.clip(fused, 0.0, 1.0).astype(np.float32)
 
 
-def fuse(mode: str, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, **kwargs) -> np.ndarray:
-    """Fuse the local-path result into the global-path result.
+def fusion_mask(mask: np.ndarray, erode_px: int) -> np.ndarray:
+    """The lung mask shrunk by ``erode_px`` pixels (disk), the region the local result is fused over.
+
+    The local path decodes an image that is black outside the lungs; the VQGAN decoder blurs
+    that edge over about one latent cell, so the outermost pixels of the local result are dark.
+    Fusing only inside the shrunk mask keeps that rim out (OpenCV's seamlessClone likewise
+    erodes its mask). An erosion that empties the mask leaves nothing to fuse (global result).
+    """
+    m = mask.astype(bool)
+    if erode_px <= 0 or not m.any():
+        return m
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode_px + 1, 2 * erode_px + 1))
+    return cv2.erode(m.astype(np.uint8), k) > 0
+
+
+def fuse(mode: str, global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, *, backend: str = "torch",
+         erode_px: int = 0, feather_px: float = 8.0, device=None, **solver_options) -> np.ndarray:
+    """Fuse the local-path result into the global-path result: the one dispatcher.
 
     Args:
-        mode: "poisson" (``backend="scipy"`` sparse float solver by default, ``backend="torch"`` for
-            the same solution by DST-preconditioned CG in torch (keywords ``clip``, ``device``,
-            ``dtype``, ``tol``), ``backend="opencv"`` for ``cv2.seamlessClone``; keyword ``clip``
-            for the float solvers),
-            "alpha" (keyword ``feather_px``), or "none" (return the global image: no local path).
+        mode: one of :data:`FUSION_MODES`: "poisson", "alpha" (feathered blend) or "none" (the
+            global image: no local path).
         global_img, local_img: H x W float arrays in [0, 1].
-        mask: H x W lung mask (nonzero inside).
+        mask: H x W lung mask (nonzero inside), first shrunk by ``erode_px`` (:func:`fusion_mask`).
+        backend: Poisson solver, one of :data:`POISSON_BACKENDS` (the config's names): "torch"
+            (DST-preconditioned CG on ``device``; options ``clip``, ``dtype``, ``tol``), "float"
+            (sparse direct solve; option ``clip``), "opencv" (``cv2.seamlessClone``), "published"
+            (the published call).
+        feather_px: Gaussian sigma of the alpha mode, in pixels of this image.
 
     Returns:
         H x W float32 array in [0, 1].
     """
+    if mode not in FUSION_MODES:
+        raise ValueError(f"unknown fusion mode {mode!r}; valid: {', '.join(FUSION_MODES)}")
+    mask = fusion_mask(mask, erode_px)
     if mode == "poisson":
-        backend = kwargs.pop("backend", "scipy")
-        if backend == "scipy":
-            return poisson_fuse(global_img, local_img, mask, **kwargs)
+        if backend == "float":
+            return poisson_fuse(global_img, local_img, mask, **solver_options)
         if backend == "torch":
-            return poisson_fuse_torch(global_img, local_img, mask, **kwargs)
+            return poisson_fuse_torch(global_img, local_img, mask, device=device, **solver_options)
         if backend == "opencv":
-            if kwargs:
-                raise TypeError(f"poisson backend 'opencv' takes no options, got {sorted(kwargs)}")
+            if solver_options:
+                raise TypeError(f"poisson backend 'opencv' takes no options, got {sorted(solver_options)}")
             return poisson_fuse_opencv(global_img, local_img, mask)
         if backend == "published":
-            return poisson_fuse_published(global_img, local_img, mask, **kwargs)
+            return poisson_fuse_published(global_img, local_img, mask, **solver_options)
         raise ValueError(f"unknown poisson backend {backend!r}; valid: {', '.join(POISSON_BACKENDS)}")
+    if solver_options:
+        raise TypeError(f"fusion mode {mode!r} takes no solver options, got {sorted(solver_options)}")
     if mode == "alpha":
-        return alpha_fuse(global_img, local_img, mask, **kwargs)
-    if mode == "none":
-        if kwargs:
-            raise TypeError(f"fusion mode 'none' takes no options, got {sorted(kwargs)}")
-        global_arr, _, _ = _check_images(global_img, local_img, mask)
-        return global_arr.astype(np.float32)
-    raise ValueError(f"unknown fusion mode {mode!r}; valid: {', '.join(FUSION_MODES)}")
+        return alpha_fuse(global_img, local_img, mask, feather_px=feather_px)
+    global_arr, _, _ = _check_images(global_img, local_img, mask)
+    return global_arr.astype(np.float32)

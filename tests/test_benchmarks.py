@@ -189,3 +189,34 @@ def test_bench_segmentation_smoke(tmp_path):
     variants = table_rows(out, "| variant | method |")
     assert len(variants) == 9 * 2
     assert (tmp_path / "bench" / "table.md").is_file() and (tmp_path / "bench" / "worst.png").is_file()
+
+
+def test_gpu_check_reports_the_failing_childs_traceback(tmp_path):
+    """A failed torchrun training run: the child's own traceback from torchrun's per-rank log, not its banner."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    rank0 = tmp_path / "logs" / "abc_1" / "attempt_0" / "0"
+    rank0.mkdir(parents=True)
+    (rank0 / "stderr.log").write_text(
+        "train vqgan:  10%|#         | 2/20\rtrain vqgan:  15%|#5        | 3/20\n"
+        + "".join(f"noise {i}\n" for i in range(30))
+        + "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\n"
+        "RuntimeError: Expected a 'cuda' device type for generator but found 'cpu'\n")
+    (rank0 / "stdout.log").write_text("")
+    banner = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: gl_lcm.cli FAILED\n"
+    lines = gpu_check.child_error_lines(tmp_path / "logs", banner)
+    assert lines[0] == "Traceback (most recent call last):" and len(lines) == 4
+    assert gpu_check.failure_reason(lines) == "RuntimeError: Expected a 'cuda' device type for generator but found 'cpu'"
+    # no per-rank log (torchrun itself failed): the captured output's last lines
+    assert gpu_check.child_error_lines(tmp_path / "none", "a\n\nb | c\n") == ["a", "b | c"]
+    assert gpu_check.failure_reason(["a", "b | c"]) == "b / c"
+
+
+def test_bench_unet_dispatch_smoke():
+    out = run_script("bench_unet_dispatch.py", "--tiny", "--repeats", "0")
+    rows = table_rows(out, "| path | dispatched ops |")
+    assert len(rows) == 2 and "autocast" in rows[0] and "bf16_weights" in rows[1]
+    assert "of the dispatched operations" in out

@@ -220,7 +220,7 @@ def test_every_real_non_chest_film_is_refused():
 # ----------------------------------------------------------------------------- batch command
 def test_segment_batch_refuses_non_chest_and_goes_on(tmp_path):
     from gl_lcm.config import load_config
-    from gl_lcm.evaluate import segment_path
+    from gl_lcm.jobs.segment import segment_path
     from test_dicom_io import _dataset
 
     src = tmp_path / "in"

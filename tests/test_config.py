@@ -98,15 +98,15 @@ def test_image_size_the_unet_cannot_divide_is_refused_before_sampling(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import tiny_config, write_tiny_checkpoints
 
-    from gl_lcm.pipeline import GLLCMPipeline
+    from gl_lcm.inference import InferenceEngine
 
     cfg = tiny_config(["unet.channel_mult=[1,1,2,2,4,4]"])
     paths = write_tiny_checkpoints(tmp_path, cfg)
     use = tiny_config([f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={paths['student']}",
                        "data.image_size=1000"])
     with pytest.raises(ValueError, match=r"data.image_size=1000 gives a 125-pixel latent .*divisible by 256"):
-        GLLCMPipeline.from_config(use)
-    GLLCMPipeline.from_config(tiny_config([f"checkpoints.vqgan={paths['vqgan']}",
+        InferenceEngine.from_config(use)
+    InferenceEngine.from_config(tiny_config([f"checkpoints.vqgan={paths['vqgan']}",
                                            f"checkpoints.student={paths['student']}", "data.image_size=256"]))
 
 

@@ -17,10 +17,13 @@ REAL_CXR = REPO_ROOT.parent / "shared" / "data" / "real-cxr"
 
 
 class StandIn:
-    """A pipeline whose soft-tissue output is a known function of its input."""
+    """An inference engine whose soft-tissue output is a known function of its input (classical lung masks)."""
 
     def __init__(self, fn):
+        from gl_lcm.inference import Segmenter
+
         self.fn = fn
+        self.segment = lambda name, image, cache_dir=None, overwrite=False: Segmenter("classical")(name, image)
 
     def run(self, names, images, masks, guidance_mode=None):
         return [SimpleNamespace(name=n, fused=self.fn(im).astype(np.float32)) for n, im in zip(names, images)]
@@ -54,9 +57,9 @@ def _film_dicom(path, photometric="MONOCHROME2", slope=1.0, intercept=0.0, windo
 
 
 def _suppress(cfg, src, dst, fn, **kw):
-    from gl_lcm.evaluate import suppress_path
+    from gl_lcm.jobs.suppress import suppress_path
 
-    counts = suppress_path(cfg, str(src), str(dst), pipeline=StandIn(fn), **kw)
+    counts = suppress_path(cfg, str(src), str(dst), engine=StandIn(fn), **kw)
     assert counts.succeeded >= 1 and counts.failed == 0
     return counts
 
@@ -153,10 +156,10 @@ def test_png_output_keeps_the_input_bit_depth(cfg, tmp_path):
 
 
 def test_dicom_output_from_a_png_is_an_error(cfg, tmp_path):
-    from gl_lcm.evaluate import suppress_path
+    from gl_lcm.jobs.suppress import suppress_path
 
     write_png(tmp_path / "film.png", generate_phantom(256, 4).cxr)
-    counts = suppress_path(cfg, str(tmp_path / "film.png"), str(tmp_path / "soft.dcm"), pipeline=StandIn(lambda x: x))
+    counts = suppress_path(cfg, str(tmp_path / "film.png"), str(tmp_path / "soft.dcm"), engine=StandIn(lambda x: x))
     assert counts.failed == 1
     assert "DICOM output needs a DICOM input" in (tmp_path / "errors.csv").read_text()
 

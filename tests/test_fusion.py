@@ -132,7 +132,7 @@ def test_float_solver_agrees_with_opencv_in_interior():
 def test_mask_touching_border_and_empty_mask():
     global_img, local_img, _ = _scene(64)
     full = np.ones_like(global_img, dtype=bool)
-    for backend in ("scipy", "opencv"):
+    for backend in ("float", "opencv"):
         fused = fuse("poisson", global_img, local_img, full, backend=backend)
         assert np.all(np.isfinite(fused)) and fused.shape == global_img.shape
         # the border ring is the boundary condition: it keeps the global values
@@ -168,10 +168,17 @@ def test_alpha_and_none_modes():
 
 def test_fuse_dispatch_and_validation():
     global_img, local_img, mask = _scene(64)
-    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask), poisson_fuse(global_img, local_img, mask))
+    # backend names are the config's (fusion.backend); the default is the config's default, torch
+    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask, backend="float"),
+                                  poisson_fuse(global_img, local_img, mask))
+    np.testing.assert_array_equal(fuse("poisson", global_img, local_img, mask),
+                                  poisson_fuse_torch(global_img, local_img, mask))
+    from gl_lcm.config import Config
+
+    assert fuse.__kwdefaults__["backend"] == Config().fusion.backend
     with pytest.raises(ValueError, match=", ".join(FUSION_MODES)):
         fuse("laplacian", global_img, local_img, mask)
-    with pytest.raises(ValueError, match="scipy, torch, opencv"):
+    with pytest.raises(ValueError, match="torch, float, opencv, published"):
         fuse("poisson", global_img, local_img, mask, backend="gpu")
     with pytest.raises(ValueError, match="shape"):
         poisson_fuse(global_img, local_img[:10], mask)
@@ -277,3 +284,38 @@ def test_poisson_full_resolution_speed():
     fused = poisson_fuse(phantom.soft_tissue, phantom.cxr, mask)
     print(f"poisson_fuse 1024x1024, mask {100 * mask.mean():.0f}%: {time.perf_counter() - start:.2f} s")
     assert fused.shape == (1024, 1024)
+
+
+def test_fixed_cg_iterations_match_the_float_solver_without_reading_back(monkeypatch):
+    """fusion.cg_iterations: N CG iterations with every scalar kept on the device give the float (sparse
+    direct) solution, and the solve never reads a value back to the host (no float(tensor) / .item())."""
+    import torch
+
+    global_img, local_img, mask = _scene(128)
+    exact = poisson_fuse(global_img, local_img, mask)
+    for name in ("item", "__float__"):
+        def refuse(*_a, name=name, **_k):
+            raise AssertionError(f"Tensor.{name} inside the fixed-iteration solve")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    fixed = poisson_fuse_torch(global_img, local_img, mask, fixed_iterations=30)
+    few = poisson_fuse_torch(global_img, local_img, mask, fixed_iterations=3)
+    monkeypatch.undo()
+    assert np.abs(fixed - exact).max() < 1e-4
+    assert np.abs(few - exact).max() > 1e-3  # the count matters: three iterations are not enough
+    with pytest.raises(AssertionError, match="inside the fixed-iteration solve"):
+        monkeypatch.setattr(torch.Tensor, "__float__", lambda *_: (_ for _ in ()).throw(
+            AssertionError("Tensor.__float__ inside the fixed-iteration solve")))
+        poisson_fuse_torch(global_img, local_img, mask)  # the tolerance loop does read back
+
+
+def test_cg_iterations_key_reaches_the_solver():
+    from gl_lcm.config import load_config
+    from gl_lcm.inference import FusionSettings
+
+    global_img, local_img, mask = _scene(128)
+    settings = FusionSettings.from_config(load_config(None, ["fusion.cg_iterations=3", "fusion.erode_px=0"]))
+    np.testing.assert_array_equal(settings.fuse(global_img, local_img, mask),
+                                  poisson_fuse_torch(global_img, local_img, mask, fixed_iterations=3))
+    default = FusionSettings.from_config(load_config(None, ["fusion.erode_px=0"]))
+    np.testing.assert_array_equal(default.fuse(global_img, local_img, mask),
+                                  poisson_fuse_torch(global_img, local_img, mask))

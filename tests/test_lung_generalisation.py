@@ -214,7 +214,7 @@ def _two_output_checkpoint(tmp_path: Path, phantoms: Path) -> Path:
 def test_segment_uses_the_configured_convention_output(tmp_path):
     from gl_lcm.config import load_config
     from gl_lcm.data.phantom import write_phantom_dataset
-    from gl_lcm.evaluate import segment_path
+    from gl_lcm.jobs.segment import segment_path
 
     phantoms = tmp_path / "ph"
     write_phantom_dataset(phantoms, n=4, size=32, seed=1)
@@ -235,7 +235,7 @@ def test_segment_uses_the_configured_convention_output(tmp_path):
 def test_a_convention_the_net_lacks_is_an_error_naming_both(tmp_path):
     from gl_lcm.config import load_config
     from gl_lcm.data.phantom import write_phantom_dataset
-    from gl_lcm.evaluate import Segmenter
+    from gl_lcm.inference import Segmenter
     from gl_lcm.train.segnet import train_segnet
 
     phantoms = tmp_path / "ph"
@@ -248,7 +248,7 @@ def test_a_convention_the_net_lacks_is_an_error_naming_both(tmp_path):
     use = load_config(None, ["segmentation.method=unet", f"checkpoints.segnet={tmp_path / 'seg' / 'model.pt'}",
                              "segmentation.convention=full", "device=cpu"])
     with pytest.raises(ValueError, match=r"convention=full .* predicts only \['visible'\]"):
-        Segmenter(use, None)
+        Segmenter.from_config(use)
 
 
 def test_outputs_are_validated_on_load():

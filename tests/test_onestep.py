@@ -10,7 +10,13 @@ from diffusers import LCMScheduler as Reference
 from gl_lcm.config import load_config
 from gl_lcm.diffusion.distill import consistency_output
 from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas
-from gl_lcm.train.onestep import clip_ranges, sampler_timesteps
+from gl_lcm.train.onestep import clip_ranges, step_schedules_of, union_timesteps
+
+
+def sampler_timesteps(step_counts, num_train_timesteps, original_inference_steps, step_schedules=()):
+    """The timesteps the one-step task trains on (what train_onestep derives from its schedules)."""
+    return union_timesteps(step_schedules_of(step_counts, num_train_timesteps, original_inference_steps,
+                                             step_schedules))
 
 
 def test_sampler_timesteps_are_the_union_of_diffusers_lcm_timesteps():
@@ -64,7 +70,9 @@ def test_sampling_reads_the_denoisers_own_output_type(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import tiny_config, write_tiny_checkpoints
 
-    from gl_lcm.pipeline import GLLCMPipeline, sampling_config
+    from gl_lcm.diffusion.noise import PerImageNoise
+    from gl_lcm.diffusion.samplers import sample_dual_path
+    from gl_lcm.inference import InferenceEngine, SamplingSettings
 
     teacher_cfg = tiny_config()
     student_cfg = tiny_config(["diffusion.prediction_type=sample", "lcm.dynamic_clip=false",
@@ -73,29 +81,37 @@ def test_sampling_reads_the_denoisers_own_output_type(tmp_path):
     student_paths = write_tiny_checkpoints(tmp_path / "s", student_cfg)
     use = tiny_config([f"checkpoints.vqgan={paths['vqgan']}", f"checkpoints.student={student_paths['student']}",
                        f"checkpoints.teacher={paths['teacher']}", "lcm.dynamic_clip=true"])
-    student = GLLCMPipeline.from_config(use, model="student")
-    assert student.cfg.diffusion.prediction_type == "sample" and student.cfg.lcm.dynamic_clip is False
-    assert student.cfg.lcm.step_schedules == [[999, 259]]  # the schedule it was trained on travels with it
+    notices = []
+    student = InferenceEngine.from_config(use, model="student", segmenter=False).sampling
+    assert student.prediction_type == "sample" and student.dynamic_clip is False
+    assert student.step_schedules == ((999, 259),)  # the schedule it was trained on travels with it
     seen = []
 
     def recording(x, t, cond):
         seen.append(sorted(set(t.tolist())))
         return torch.zeros_like(x)
 
-    from gl_lcm.pipeline import dual_path_sample
     cond = torch.zeros(1, 4, 4, 4)
     gens = [torch.Generator().manual_seed(0)]
     for steps, expected in ((2, [[999], [259]]), (4, [[999], [759], [499], [259]]), (1, [[999]])):
         seen.clear()
-        dual_path_sample(recording, cond, cond, student.cfg, steps, gens, guidance_mode="vanilla")
+        sample_dual_path(recording, student.scheduler(), cond, cond, steps, PerImageNoise(gens, (4, 4, 4), "cpu"),
+                         guidance_mode="vanilla", clip_range_fn=student.dual_path_clip(1))
         assert seen == expected
-    teacher = GLLCMPipeline.from_config(use, model="teacher")
-    assert teacher.cfg.diffusion.prediction_type == "epsilon" and teacher.cfg.lcm.dynamic_clip is True
-    assert teacher.cfg.lcm.step_schedules == []
+    teacher = InferenceEngine.from_config(use, model="teacher", segmenter=False).sampling
+    assert teacher.prediction_type == "epsilon" and teacher.dynamic_clip is True
+    assert teacher.step_schedules == ()
     assert use.diffusion.prediction_type == "epsilon" and use.lcm.dynamic_clip is True  # the caller's config untouched
     assert use.lcm.step_schedules == []
     eps_no_clip = tiny_config(["lcm.dynamic_clip=false"])
-    assert sampling_config(use, eps_no_clip) is use  # an epsilon denoiser's training clip setting is not imposed
+    # an epsilon denoiser's training clip setting is not imposed, and nothing is announced
+    assert SamplingSettings.from_config(use, eps_no_clip, log=notices.append) == SamplingSettings.from_config(use)
+    assert notices == []
+    # a checkpoint that overrides the user's keys says so, one line per key: key, config value, checkpoint value
+    SamplingSettings.from_config(use, student_cfg, source="s.pt", log=notices.append)
+    assert notices == ["s.pt sets diffusion.prediction_type: config 'epsilon' -> checkpoint 'sample'",
+                       "s.pt sets lcm.dynamic_clip: config True -> checkpoint False",
+                       "s.pt sets lcm.step_schedules: config [] -> checkpoint [[999, 259]]"]
 
 
 def test_rollout_feeds_later_timesteps_the_students_own_noised_estimate():

@@ -14,9 +14,14 @@ import torch
 
 from gl_lcm.data.io import read_image, write_png
 from gl_lcm.data.phantom import write_phantom_dataset
-from gl_lcm.evaluate import evaluate_split, segment_path, suppress_path
+from gl_lcm.diffusion.noise import PerImageNoise, image_generators
+from gl_lcm.diffusion.samplers import sample_dual_path
+from gl_lcm.inference import InferenceEngine, SamplingSettings
+from gl_lcm.inference.postprocess import postprocess_paths
+from gl_lcm.jobs.evaluate import evaluate_split
+from gl_lcm.jobs.segment import segment_path
+from gl_lcm.jobs.suppress import suppress_path
 from gl_lcm.models.factory import load_denoiser
-from gl_lcm.pipeline import GLLCMPipeline, dual_path_sample, image_generators, postprocess_paths
 
 from tiny_models import tiny_config, write_tiny_checkpoints
 
@@ -27,6 +32,18 @@ def tiny(tmp_path_factory):
     paths = write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), cfg)
     unet, _ = load_denoiser(paths["teacher"])
     return cfg, paths, unet
+
+
+def dual_path_sample(model, cond_global, cond_local, cfg, num_steps, gens, guidance_mode=None, batched=True,
+                     rebuild_scheduler=False):
+    """The engine's sampling stage with ``cfg``'s settings (as the engine resolves them)."""
+    s = SamplingSettings.from_config(cfg)
+    noise = PerImageNoise(gens, cond_global.shape[1:], cond_global.device, cond_global.dtype)
+    return sample_dual_path(model, s.scheduler(), cond_global, cond_local, num_steps, noise,
+                            guidance_mode=guidance_mode or s.guidance_mode, guidance_alpha=s.guidance_alpha,
+                            leg_zero_channels=cond_global.shape[1] if s.leg_std_published else 0,
+                            clip_range_fn=s.dual_path_clip(cond_global.shape[0]), batched=batched,
+                            fresh_scheduler=s.scheduler if rebuild_scheduler else None)
 
 
 def _conds(seed=0, b=3, size=16, dtype=torch.float32):
@@ -265,7 +282,7 @@ def test_bad_inputs_each_get_their_message(szch_dir, tiny, tmp_path):
     # missing checkpoint
     cfg_missing = _real_setup(data, tmp_path, {**paths, "student": tmp_path / "nope.pt"})
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pt"):
-        GLLCMPipeline.from_config(cfg_missing)
+        InferenceEngine.from_config(cfg_missing)
     # a mask folder lacking some files
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -294,7 +311,8 @@ def test_segment_command_on_phantoms(tmp_path):
 
 
 def test_fusion_mask_erosion_keeps_decoder_rim_out():
-    from gl_lcm.pipeline import fuse_with_config, fusion_mask
+    from gl_lcm.fusion import fusion_mask
+    from gl_lcm.inference import FusionSettings
 
     mask = np.zeros((64, 64), bool)
     mask[16:48, 12:52] = True
@@ -307,15 +325,15 @@ def test_fusion_mask_erosion_keeps_decoder_rim_out():
     local = np.where(mask, 0.5, 0.0).astype(np.float32)
     local[16:18] = 0.0
     cfg = tiny_config(["fusion.erode_px=4"])
-    fused = fuse_with_config(cfg, "poisson", glob, local, mask)
+    fused = FusionSettings.from_config(cfg).fuse(glob, local, mask, mode="poisson")
     assert np.abs(fused - glob).max() < 1e-4
     cfg = tiny_config(["fusion.erode_px=0"])
-    assert np.abs(fuse_with_config(cfg, "poisson", glob, local, mask) - glob).max() > 0.05
+    assert np.abs(FusionSettings.from_config(cfg).fuse(glob, local, mask, mode="poisson") - glob).max() > 0.05
 
 
 def test_clip_index_follows_the_original_grid():
     from gl_lcm.diffusion.lcm import LCMScheduler
-    from gl_lcm.pipeline import clip_grid_index
+    from gl_lcm.diffusion.lcm import clip_grid_index
 
     s = LCMScheduler()
     s.set_timesteps(50)
@@ -325,7 +343,7 @@ def test_clip_index_follows_the_original_grid():
 
 
 def test_error_log_forgets_an_image_that_later_succeeds(tmp_path):
-    from gl_lcm.evaluate import ErrorLog
+    from gl_lcm.jobs.runner import ErrorLog
 
     path = tmp_path / "errors.csv"
     log = ErrorLog(path)

@@ -15,7 +15,7 @@ import torch
 from gl_lcm.config import load_config
 from gl_lcm.models.factory import load_denoiser, load_vqgan
 from gl_lcm.models.reference_import import import_reference, load_published, read_safetensors_config
-from published_standins import published_unet, published_vqvae
+from gl_lcm.models.published_standins import published_unet, published_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
 

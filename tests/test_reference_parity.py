@@ -14,7 +14,7 @@ import torch
 
 from gl_lcm.config import load_config
 from gl_lcm.models.reference_import import import_reference
-from published_standins import published_unet, published_vqvae
+from gl_lcm.models.published_standins import published_unet, published_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, STEPS, LATENT = 64, 50, 4  # the published 50 LCM steps; tiny images and models
@@ -120,9 +120,10 @@ def published_loop(unet, vqgan, cxr_u8, mask_u8, noise, omega_g=2.0, omega_l=3.5
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """Imported random-weight published models, evaluated in reference mode with injected noise."""
-    from gl_lcm.evaluate import evaluate_split
+    from gl_lcm.diffusion.noise import GivenNoise
+    from gl_lcm.inference import InferenceEngine
+    from gl_lcm.jobs.evaluate import evaluate_split
     from gl_lcm.models.factory import load_denoiser, load_vqgan
-    from gl_lcm.pipeline import GLLCMPipeline, SamplingNoise
 
     tmp = tmp_path_factory.mktemp("parity")
     _write_data(tmp / "data")
@@ -144,13 +145,14 @@ def reference_run(tmp_path_factory):
     def noise_source(names, latent_shape, num_steps):
         assert tuple(latent_shape) == (LATENT, latent_hw, latent_hw) and num_steps == STEPS
         cat = lambda key, sl: torch.cat([streams[n][key][sl] for n in names], dim=1)
-        return SamplingNoise(initial=torch.cat([streams[n]["initial"] for n in names]),
-                             step_global=cat("global", np.s_[:, :, :LATENT]),
-                             step_local=cat("local", np.s_[:, :, :LATENT]), leg=cat("leg", np.s_[:, :, :LATENT]))
+        return GivenNoise(initial_noise=torch.cat([streams[n]["initial"] for n in names]),
+                          step_global=cat("global", np.s_[:, :, :LATENT]),
+                          step_local=cat("local", np.s_[:, :, :LATENT]), leg_noise=cat("leg", np.s_[:, :, :LATENT]))
 
-    pipe = GLLCMPipeline(load_vqgan(paths["vqgan"]), load_denoiser(paths["unet"])[0], cfg,
-                         torch.device("cpu"), noise_source=noise_source)
-    evaluate_split(cfg, split="test", no_lpips=True, progress=False, pipeline=pipe)
+    imported_unet, unet_cfg = load_denoiser(paths["unet"])
+    engine = InferenceEngine.from_parts(load_vqgan(paths["vqgan"]), imported_unet, cfg, torch.device("cpu"), unet_cfg,
+                                        segmenter=True, noise_source=noise_source)
+    evaluate_split(cfg, split="test", no_lpips=True, progress=False, engine=engine)
     ours = {stem: [cv2.imread(str(tmp / "out" / sub / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
                    for sub in ("global", "local", "fused")] for stem in STEMS}
     inputs = {stem: (cv2.imread(str(tmp / "data" / "CXR" / f"{stem}.png"), 0),

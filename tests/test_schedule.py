@@ -104,7 +104,7 @@ def test_velocity_matches_diffusers_and_unknown_prediction_type():
     alphas_cumprod = alphas_cumprod_from_betas(make_betas())
     expected = reference.get_velocity(x0, noise, timesteps)
     torch.testing.assert_close(velocity(x0, noise, timesteps, alphas_cumprod), expected)
-    with pytest.raises(ValueError, match="epsilon, sample, v_prediction"):
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
         predict_x0_and_eps(x0, x0, timesteps, alphas_cumprod, "x_start")
 
 

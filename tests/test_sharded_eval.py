@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 import torch
 
 from gl_lcm.config import load_config
 from gl_lcm.data.phantom import write_phantom_dataset
-from gl_lcm.evaluate import evaluate_split, suppress_path
+from gl_lcm.jobs.evaluate import evaluate_split
+from gl_lcm.jobs.suppress import suppress_path
 
 from tiny_models import tiny_config, write_tiny_checkpoints
 
@@ -125,14 +127,23 @@ def test_suppress_two_ranks_equal_one_process(setup):
         assert [e["image"] for e in csv.DictReader(f)] == ["phantom_0004"]
 
 
-class _RecordingPipeline:
-    """Stands in for GLLCMPipeline: records the batches it is given and returns the CXR as every result."""
+class _RecordingEngine:
+    """Stands in for the InferenceEngine: records the batches it is given and returns the CXR as every result."""
 
-    def __init__(self):
+    fusion = SimpleNamespace(mode="poisson")
+    pixels = SimpleNamespace(image_size=64)
+
+    def __init__(self, cfg):
+        from gl_lcm.inference import Segmenter
+
         self.batches = []
+        self.segmenter = Segmenter.from_config(cfg)
 
-    def run(self, names, cxrs, masks, guidance_mode=None):
-        from gl_lcm.pipeline import GLLCMResult
+    def segment(self, name, image, cache_dir=None, overwrite=False):
+        return self.segmenter(name, image, cache_dir=cache_dir, overwrite=overwrite)
+
+    def run(self, names, cxrs, masks, guidance_mode=None, num_steps=None):
+        from gl_lcm.inference import GLLCMResult
 
         self.batches.append(list(names))
         return [GLLCMResult(n, c, c, c, m) for n, c, m in zip(names, cxrs, masks)]
@@ -141,20 +152,20 @@ class _RecordingPipeline:
 def test_ranks_get_whole_batches_of_the_single_process_run(setup, tmp_path):
     """Rank r samples exactly batches r, r + N, ... of the one-process run (same batch composition,
     hence the same arithmetic on real models, where a batch's round-off depends on its members)."""
-    from gl_lcm.evaluate import run_pipeline_on_split
+    from gl_lcm.jobs.evaluate import OutputOptions, SplitFiles, run_split
 
     root, paths = setup
     args = _args(root, paths, tmp_path, ["eval.batch_size=2", "eval.save_figures=false"])
     cfg = load_config(REPO / args[2], args[6:])
     cxr_files = {s: root / "data" / "CXR" / f"{s}.png" for s in STEMS[:4]}
     stems = sorted(cxr_files)
-    single = _RecordingPipeline()
-    run_pipeline_on_split(cfg, single, stems, cxr_files, {}, tmp_path / "one", progress=False)
+    files, options = SplitFiles(stems, cxr_files, {}), OutputOptions.from_config(cfg)
+    single = _RecordingEngine(cfg)
+    run_split(single, files, tmp_path / "one", options, progress=False)
     per_rank = []
     for rank in range(2):
-        rec = _RecordingPipeline()
-        run_pipeline_on_split(cfg, rec, stems, cxr_files, {}, tmp_path / f"rank{rank}", progress=False, rank=rank,
-                              world_size=2)
+        rec = _RecordingEngine(cfg)
+        run_split(rec, files, tmp_path / f"rank{rank}", options, progress=False, rank=rank, world_size=2)
         per_rank.append(rec.batches)
     assert single.batches == [stems[0:2], stems[2:4]]
     assert per_rank == [[stems[0:2]], [stems[2:4]]]

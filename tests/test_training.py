@@ -202,7 +202,7 @@ def test_bad_inputs_fail_before_work(phantoms, tmp_path, tiny_vqgan):
 
 
 def test_train_segnet_learns_lungs_and_is_used_by_segment(phantoms, tmp_path):
-    from gl_lcm.evaluate import segment_path
+    from gl_lcm.jobs.segment import segment_path
     from gl_lcm.train.segnet import train_segnet
 
     cfg = load_config(REPO / "configs/segnet_tiny.yaml", [

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gl_lcm.utils import seeding
+
 MARKER_TEXTS = ("L", "R", "PA", "AP", "PORTABLE", "SUPINE", "ERECT", "12:41")
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=g, device=g.device).cpu()
+    return low + (high - low) * seeding.rand(n, g).cpu()
 
 
 @lru_cache(maxsize=None)
@@ -58,7 +60,7 @@ def random_exposure(images01: torch.Tensor, g: torch.Generator, gamma_range: tup
     offset = _uniform(b, -0.1, 0.1, g).view(view)
     x = images01.clamp(0, 1) ** gamma.to(images01)
     x = (x - 0.5) * contrast.to(x) + 0.5 + offset.to(x)
-    noise = torch.randn(images01.shape, generator=g, device=g.device).to(x) * noise_std
+    noise = seeding.randn(images01.shape, g, x.device).to(x) * noise_std
     return (x + noise).clamp(0, 1)
 
 
@@ -71,9 +73,9 @@ def random_borders_and_marks(images01: torch.Tensor, g: torch.Generator, border_
     x = images01.clone()
     b, _, h, w = x.shape
     for i in range(b):
-        if float(torch.rand(1, generator=g, device=g.device)) < border_prob:
-            value = 0.0 if float(torch.rand(1, generator=g, device=g.device)) < 0.6 else 1.0
-            sides = torch.rand(4, generator=g, device=g.device).cpu() < 0.5
+        if float(seeding.rand(1, g)) < border_prob:
+            value = 0.0 if float(seeding.rand(1, g)) < 0.6 else 1.0
+            sides = seeding.rand(4, g).cpu() < 0.5
             widths = (_uniform(4, 0.01, max_border, g) * torch.tensor([h, h, w, w])).long()
             if sides[0]:
                 x[i, :, : widths[0]] = value
@@ -83,17 +85,17 @@ def random_borders_and_marks(images01: torch.Tensor, g: torch.Generator, border_
                 x[i, :, :, : widths[2]] = value
             if sides[3]:
                 x[i, :, :, w - widths[3]:] = value
-        if float(torch.rand(1, generator=g, device=g.device)) < marks_prob:
-            n = int(torch.randint(1, 4, (1,), generator=g, device=g.device))
+        if float(seeding.rand(1, g)) < marks_prob:
+            n = int(seeding.randint(1, 4, (1,), g))
             for _ in range(n):
-                k = int(torch.randint(len(MARKER_TEXTS), (1,), generator=g, device=g.device))
+                k = int(seeding.randint(0, len(MARKER_TEXTS), (1,), g))
                 glyph = marker_glyph(MARKER_TEXTS[k])
                 height = max(4, int(h * float(_uniform(1, 0.03, 0.08, g))))
                 width = min(w - 1, max(2, round(glyph.shape[1] * height / glyph.shape[0])))
                 glyph = F.interpolate(glyph[None, None], size=(height, width), mode="bilinear",
                                       align_corners=False)[0, 0].to(x)
-                top = int(torch.randint(0, h - height, (1,), generator=g, device=g.device))
-                left = int(torch.randint(0, w - width, (1,), generator=g, device=g.device))
+                top = int(seeding.randint(0, h - height, (1,), g))
+                left = int(seeding.randint(0, w - width, (1,), g))
                 patch = x[i, 0, top:top + height, left:left + width]
                 x[i, 0, top:top + height, left:left + width] = torch.maximum(patch, glyph)
     return x

@@ -9,15 +9,17 @@ from .distill import (
     solver_timestep_pair,
     solver_timesteps,
 )
-from .guidance import VALID_GUIDANCE_MODES, apply_guidance, cfg, leg, per_sample_std, vanilla
+from .guidance import GUIDANCE_MODES, apply_guidance, cfg, leg, per_sample_std, vanilla
 from .lcm import (
     LCMScheduler,
     LCMSchedulerOutput,
     boundary_condition_scalings,
+    DynamicClip,
     clamp_per_sample,
+    clip_grid_index,
     dynamic_clip_range,
 )
-from .samplers import ddim_step, ddim_timesteps, ddpm_step, sample_ddim, sample_ddpm, sample_lcm
+from .samplers import ddim_step, ddim_timesteps, ddpm_step, sample_ddim, sample_ddpm, sample_dual_path, sample_lcm
 from .schedule import (
     VALID_PREDICTION_TYPES,
     VALID_SCHEDULES,
@@ -34,7 +36,10 @@ from .schedule import (
 __all__ = [
     "LCMScheduler",
     "LCMSchedulerOutput",
-    "VALID_GUIDANCE_MODES",
+    "DynamicClip",
+    "clip_grid_index",
+    "sample_dual_path",
+    "GUIDANCE_MODES",
     "VALID_PREDICTION_TYPES",
     "VALID_SCHEDULES",
     "add_noise",

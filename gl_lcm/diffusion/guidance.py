@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-VALID_GUIDANCE_MODES = ("vanilla", "cfg", "leg")
+# The choice list of ``guidance.mode`` (declared here, referred to by gl_lcm.config).
+GUIDANCE_MODES = ("vanilla", "cfg", "leg")
 
 
 def vanilla(eps_local: Tensor) -> Tensor:
@@ -87,4 +88,4 @@ def apply_guidance(
         if noise is None:
             raise ValueError("guidance mode 'leg' needs noise (standard normal, shaped like eps_local)")
         return leg(eps_local, alpha, noise, zero_channels)
-    raise ValueError(f"unknown guidance mode {mode!r}; valid modes: {', '.join(VALID_GUIDANCE_MODES)}")
+    raise ValueError(f"unknown guidance mode {mode!r}; valid modes: {', '.join(GUIDANCE_MODES)}")

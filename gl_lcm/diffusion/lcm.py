@@ -65,6 +65,38 @@ def dynamic_clip_range(step_index: int, omega: float, b: float) -> float:
     return float(omega + b * step_index)
 
 
+def clip_grid_index(timestep: int, num_train_timesteps: int, original_inference_steps: int) -> int:
+    """Index j of ``timestep`` on the LCM's original grid (0 at t = T-1, the noisiest point).
+
+    Dynamic clipping widens the x0 range by b per step of the published 50-step schedule. A
+    sampler with fewer steps jumps along that same grid (4 steps: t = 999, 759, 499, 259 ->
+    j = 0, 12, 25, 37), so it gets the range the 50-step sampler has at the same noise level;
+    counting its own steps (j = 0..3) would clip the last, nearly clean estimates far too hard.
+    With 50 steps j is the step index, as published.
+    """
+    k = num_train_timesteps // original_inference_steps
+    return max(0, (num_train_timesteps - 1 - int(timestep)) // k)
+
+
+@dataclass(frozen=True)
+class DynamicClip:
+    """Per-sample x0 clip ranges of an LCM sampler as a function of the timestep.
+
+    ``self(t)`` -> (len(omegas),) float32 tensor ``omega_i + b * j``, j = :func:`clip_grid_index`
+    of t. ``omegas`` holds one base range per sample of the stacked batch (GL-LCM: B global
+    values, then B local values).
+    """
+
+    omegas: tuple[float, ...]
+    b: float
+    num_train_timesteps: int = 1000
+    original_inference_steps: int = 50
+
+    def __call__(self, timestep: int) -> Tensor:
+        j = clip_grid_index(timestep, self.num_train_timesteps, self.original_inference_steps)
+        return torch.tensor([dynamic_clip_range(j, float(o), self.b) for o in self.omegas])
+
+
 def clamp_per_sample(x: Tensor, clip_range: Tensor | float) -> Tensor:
     """Clamp x (B x ...) to [-r, r] where r is a float, a 0-d tensor or a (B,) tensor (one range per sample)."""
     if not isinstance(clip_range, Tensor):
@@ -86,6 +118,20 @@ def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -
         raise ValueError(f"custom LCM timesteps must be a non-empty list of integers, got {ts}")
     if any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
         raise ValueError(f"custom LCM timesteps {ts} must be strictly descending within [0, {num_train_timesteps - 1}]")
+
+
+def check_step_schedules(step_schedules: Sequence[Sequence[int]], num_train_timesteps: int) -> None:
+    """Raise ValueError unless every schedule passes :func:`check_custom_timesteps` and no two have the
+    same length (sampling picks a schedule by its step count, so a later one would replace an earlier one)."""
+    for schedule in step_schedules:
+        try:
+            check_custom_timesteps(schedule if isinstance(schedule, (list, tuple)) else [], num_train_timesteps)
+        except ValueError as err:
+            raise ValueError(f"step_schedules entry {schedule!r}: {err}") from None
+    lengths = [len(s) for s in step_schedules]
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"step_schedules={[list(s) for s in step_schedules]} has two schedules of the same length: "
+                         f"sampling picks the schedule by its step count")
 
 
 @dataclass
@@ -148,11 +194,8 @@ class LCMScheduler:
         self.timestep_scaling = timestep_scaling
         self.sigma_data = sigma_data
         # ours: explicit timesteps for some step counts (set_timesteps(n) uses the one of length n)
-        for schedule in step_schedules:
-            check_custom_timesteps(schedule, num_train_timesteps)
+        check_step_schedules(step_schedules, num_train_timesteps)
         self.step_schedules = {len(s): [int(t) for t in s] for s in step_schedules}
-        if len(self.step_schedules) != len(step_schedules):  # a later one would silently replace an earlier one
-            raise ValueError(f"step_schedules {list(step_schedules)} has two schedules of the same length")
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
@@ -192,8 +235,7 @@ class LCMScheduler:
             check_custom_timesteps(timesteps, self.num_train_timesteps)
             self.timesteps = torch.tensor([int(t) for t in timesteps], device=device, dtype=torch.long)
             self.num_inference_steps = len(timesteps)
-            self._step_index = None
-            self._begin_index = None
+            self._after_set_timesteps(device, [int(t) for t in timesteps])
             return
         if num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps or timesteps")
@@ -222,8 +264,29 @@ class LCMScheduler:
         indices = np.floor(np.linspace(0, original_steps, num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = torch.from_numpy(grid_descending[indices].copy()).to(device=device, dtype=torch.long)
         self.num_inference_steps = num_inference_steps
+        self._after_set_timesteps(device, [int(t) for t in grid_descending[indices]])
+
+    @property
+    def timestep_list(self) -> list[int]:
+        """``timesteps`` as Python ints (read without touching device memory)."""
+        return list(self._timestep_list)
+
+    def _after_set_timesteps(self, device, timesteps: list[int]) -> None:
+        """Reset the step index; keep the timesteps as Python ints and alpha_bar on ``device``, so that
+        ``step`` never reads device memory or copies to it (no host synchronisation per step)."""
         self._step_index = None
         self._begin_index = None
+        self._timestep_list = timesteps
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._alphas_on_device = (device, self.alphas_cumprod.to(device), self.final_alpha_cumprod.to(device))
+
+    def _alphas(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(alphas_cumprod, final_alpha_cumprod) on ``device`` (copied once per device)."""
+        cached = getattr(self, "_alphas_on_device", None)
+        if cached is None or cached[0] != device:
+            cached = (device, self.alphas_cumprod.to(device), self.final_alpha_cumprod.to(device))
+            self._alphas_on_device = cached
+        return cached[1], cached[2]
 
     def index_for_timestep(self, timestep: Tensor | int) -> int:
         """Position of ``timestep`` in ``timesteps`` (the second match if it repeats, like diffusers)."""
@@ -268,13 +331,14 @@ class LCMScheduler:
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
         timestep = int(timestep)
         next_index = self._step_index + 1
-        prev_timestep = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else timestep
+        steps = self._timestep_list
+        prev_timestep = steps[next_index] if next_index < len(steps) else timestep
 
-        alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        alpha_bar_prev = alpha_bar_prev.to(device=sample.device)
+        alphas_cumprod, final_alpha_cumprod = self._alphas(sample.device)
+        alpha_bar_prev = alphas_cumprod[prev_timestep] if prev_timestep >= 0 else final_alpha_cumprod
         c_skip, c_out = boundary_condition_scalings(timestep, self.sigma_data, self.timestep_scaling)
 
-        x0_hat, _ = predict_x0_and_eps(model_output, sample, timestep, self.alphas_cumprod, self.prediction_type)
+        x0_hat, _ = predict_x0_and_eps(model_output, sample, timestep, alphas_cumprod, self.prediction_type)
         if clip_range is None and self.clip_sample:
             clip_range = self.clip_sample_range
         if clip_range is not None:

@@ -7,13 +7,14 @@ x0 clamp half-width at sampling step j (0 = first, noisiest step): None, a float
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .guidance import apply_guidance
 from .lcm import LCMScheduler, clamp_per_sample
 from .schedule import alphas_cumprod_from_betas, predict_x0_and_eps, randn_like
 
@@ -63,6 +64,88 @@ def sample_lcm(
         out = scheduler.step(model_output, t, x, generator=generator, clip_range=clip_range)
         x, denoised = out.prev_sample, out.denoised
     return denoised
+
+
+class DualPathNoise(Protocol):
+    """Random numbers of :func:`sample_dual_path` (implementations: gl_lcm.diffusion.noise).
+
+    ``prepare`` is called once before the loop and puts every draw on the device (shape: the B x C x h x w
+    of one path); the other methods then only index."""
+
+    def prepare(self, shape, num_steps: int, needs_leg: bool, device, dtype) -> None: ...
+    def initial(self) -> Tensor: ...
+    def step(self, j: int, last: bool) -> Optional[Tensor]: ...
+    def leg(self, j: int) -> Tensor: ...
+
+
+@torch.no_grad()
+def sample_dual_path(
+    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    scheduler: LCMScheduler,
+    cond_global: Tensor,
+    cond_local: Tensor,
+    num_steps: int,
+    noise: DualPathNoise,
+    guidance_mode: str = "leg",
+    guidance_alpha: float = 3.0,
+    leg_zero_channels: int = 0,
+    clip_range_fn: Optional[Callable[[int], Tensor]] = None,
+    batched: bool = True,
+    fresh_scheduler: Optional[Callable[[], LCMScheduler]] = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """GL-LCM dual-path LCM sampling (the only LCM loop of the dual path). Returns (z_global, z_local).
+
+    The global path [x, cond_global] and the local path [x, cond_local] start from the same noise;
+    at each step both go through ``model_fn(x, t, cond)`` in ONE batched call (2B samples), the
+    local prediction is guided (:func:`~gl_lcm.diffusion.guidance.apply_guidance`), and one
+    scheduler step advances both paths, each sample clipped to its own range.
+
+    Args:
+        cond_global, cond_local: B x C x h x w scaled latents of the CXR and of the lung-masked CXR.
+        noise: initial, re-injected and LEG draws (see :class:`DualPathNoise`).
+        leg_zero_channels: LEG's std counted over that many extra zero channels (the published
+            UNet's untrained outputs; 0 = ours).
+        clip_range_fn: timestep -> (2B,) x0 clip half-widths (e.g. a
+            :class:`~gl_lcm.diffusion.lcm.DynamicClip`), or None for no clipping.
+        batched: False makes two model calls per step (the published implementation's way; same result).
+        fresh_scheduler: when given, a new scheduler from it is built at every step, as the published
+            code did to change its clip range (benchmarks only; same result).
+
+    Returns:
+        (z_global, z_local), each B x C x h x w: the last step's denoised estimates.
+    """
+    b, device, dtype = cond_global.shape[0], cond_global.device, cond_global.dtype
+    # everything the loop needs is put on the device first: the loop itself never synchronises with the host
+    noise.prepare(cond_global.shape, num_steps, guidance_mode == "leg", device, dtype)
+    x_T = noise.initial()
+    x = torch.cat([x_T, x_T])  # both paths start from the same noise
+    cond = torch.cat([cond_global, cond_local])
+    scheduler.set_timesteps(num_steps, device=device)
+    scheduler.set_begin_index(0)
+    timesteps = scheduler.timestep_list
+    clips = [clip_range_fn(t).to(device) if clip_range_fn is not None else None for t in timesteps]
+    t_batches = [torch.full((2 * b,), t, device=device, dtype=torch.long) for t in timesteps]
+    denoised = x
+    for j, t in enumerate(tqdm(timesteps, desc="dual-path LCM", disable=not progress, leave=False)):
+        t_batch = t_batches[j]
+        if batched:
+            out = model_fn(x, t_batch, cond)
+        else:
+            out = torch.cat([model_fn(x[:b], t_batch[:b], cond[:b]), model_fn(x[b:], t_batch[b:], cond[b:])])
+        eps_global, eps_local = out[:b], out[b:]
+        leg_noise = noise.leg(j) if guidance_mode == "leg" else None
+        step_noise = noise.step(j, j == len(timesteps) - 1)
+        eps_local = apply_guidance(guidance_mode, eps_global, eps_local, guidance_alpha, noise=leg_noise,
+                                   zero_channels=leg_zero_channels)
+        clip = clips[j]
+        if fresh_scheduler is not None:
+            scheduler = fresh_scheduler()
+            scheduler.set_timesteps(num_steps, device=device)
+            scheduler.set_begin_index(j)
+        step = scheduler.step(torch.cat([eps_global, eps_local]), t, x, clip_range=clip, noise=step_noise)
+        x, denoised = step.prev_sample, step.denoised
+    return denoised[:b], denoised[b:]
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:

@@ -11,10 +11,12 @@ import math
 import torch
 from torch import Tensor
 
+from gl_lcm.utils import seeding
+
 VALID_SCHEDULES = ("scaled_linear", "linear", "cosine")
 # Names diffusers uses for the same schedules, accepted so scheduler configs carry over unchanged.
 _SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}
-VALID_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VALID_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def make_betas(
@@ -146,29 +148,20 @@ def offset_noise(
         raise ValueError(f"offset_noise needs a shape (B, C, ...), got {shape}")
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
-    draw_device = _draw_device(generator, device)
-    noise = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype)
-    offset_shape = shape[:2] + (1,) * (len(shape) - 2)
-    offset = torch.randn(offset_shape, generator=generator, device=draw_device, dtype=dtype)
-    return (noise + strength * offset).to(device)
-
-
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    """Device to draw random numbers on: the CPU when a CPU generator serves another device."""
-    if generator is not None and generator.device.type == "cpu" and device.type != "cpu":
-        return torch.device("cpu")
-    return device
+    # drawn on the generator's device, in this order, and moved to ``device`` (gl_lcm.utils.seeding)
+    noise = seeding.randn(shape, generator, device, dtype)
+    offset = seeding.randn(shape[:2] + (1,) * (len(shape) - 2), generator, device, dtype)
+    return noise + strength * offset
 
 
 def randn_like(reference: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Standard normal noise shaped like ``reference`` (on its device; dtype defaults to its dtype).
 
-    A CPU generator with a non-CPU reference draws on the CPU and moves the result (as diffusers'
-    ``randn_tensor`` does), so one generator state gives the same numbers whatever the device.
+    The draw happens on the generator's device and moves to the reference's (``seeding.randn``): a CPU
+    generator with a non-CPU reference draws on the CPU (as diffusers' ``randn_tensor`` does), so one
+    generator state gives the same numbers whatever the device.
     """
-    draw_device = _draw_device(generator, reference.device)
-    noise = torch.randn(reference.shape, generator=generator, device=draw_device, dtype=dtype or reference.dtype)
-    return noise.to(reference.device)
+    return seeding.randn(reference.shape, generator, reference.device, dtype or reference.dtype)
 
 
 def predict_x0_and_eps(

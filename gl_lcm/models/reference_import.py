@@ -422,15 +422,6 @@ def _vqvae_attrs_check(root: ModuleNode, arch: dict, path: Path) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- import
-@dataclass
-class ImportedModel:
-    """One imported model: its gl-lcm checkpoint dict and a human-readable summary."""
-
-    kind: str
-    checkpoint: dict
-    summary: list[str]
-
-
 def _param_count(sd: dict) -> int:
     return int(sum(v.numel() for v in sd.values()))
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gl_lcm.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm
+from gl_lcm.utils import seeding
 
 
 def _distributed() -> bool:
@@ -234,7 +235,7 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         gen = generator if generator is not None else self._generator
-        pick = torch.randint(z_flat.shape[0], (dead.numel(),), generator=gen).to(z_flat.device)
+        pick = seeding.randint(0, z_flat.shape[0], (dead.numel(),), gen, z_flat.device)
         new_codes = z_flat[pick].contiguous()
         if _distributed():
             dist.broadcast(new_codes, src=0)

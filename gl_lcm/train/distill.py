@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from gl_lcm.config import Config, config_from_checkpoint
 from gl_lcm.diffusion.distill import consistency_distillation_loss, solver_timesteps
 from gl_lcm.diffusion.schedule import offset_noise
@@ -19,6 +17,7 @@ from gl_lcm.models.factory import load_denoiser, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask
 from gl_lcm.train.loop import Trainer
+from gl_lcm.utils import seeding
 
 
 class DistillTask(LDMTask):
@@ -46,7 +45,7 @@ class DistillTask(LDMTask):
         x0, cond = batch["target"], batch["cond"]
         b = x0.shape[0]
         noise = offset_noise(x0.shape, 0.0, generator=generator, device=x0.device)
-        index = torch.randint(0, len(self.solver), (b,), generator=generator, device=generator.device).to(x0.device)
+        index = seeding.randint(0, len(self.solver), (b,), generator, x0.device)
         student = self.trainer.net("student")
         loss, diag = consistency_distillation_loss(
             student_fn=lambda x, t: student(x, t, cond),

@@ -24,6 +24,7 @@ from gl_lcm.diffusion.schedule import (add_noise, alphas_cumprod_from_betas, mak
 from gl_lcm.models.factory import build_unet, check_latent_fits_unet, load_vqgan, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint, save_checkpoint
 from gl_lcm.train.loop import Trainer, TrainTask
+from gl_lcm.utils import seeding
 from gl_lcm.utils.dist import barrier
 from gl_lcm.utils.plotting import save_grid
 
@@ -149,9 +150,9 @@ class LDMTask(TrainTask):
         x0, cond = batch["target"], batch["cond"]
         b = x0.shape[0]
         noise = offset_noise(x0.shape, d.offset_noise, generator=generator, device=x0.device)
-        t = torch.randint(0, d.num_train_timesteps, (b,), generator=generator, device=generator.device).to(x0.device)
+        t = seeding.randint(0, d.num_train_timesteps, (b,), generator, x0.device)
         if d.cond_dropout > 0:
-            keep = torch.rand(b, generator=generator, device=generator.device).to(x0.device) >= d.cond_dropout
+            keep = seeding.rand(b, generator, x0.device) >= d.cond_dropout
             cond = cond * keep.view(b, 1, 1, 1)
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
         cond = training_condition(cond, t, self.alphas_cumprod, d.train_cond_scaling)
@@ -165,7 +166,7 @@ class LDMTask(TrainTask):
 
     @torch.no_grad()
     def validate(self, step, out_dir):
-        from gl_lcm.pipeline import sample_latents
+        from gl_lcm.inference.settings import SamplingSettings, sample_single_path
 
         if len(self.val_data) == 0:
             return {}
@@ -173,8 +174,9 @@ class LDMTask(TrainTask):
         bs = torch.stack([self.val_data[i]["bs"] for i in range(len(self.val_data))]).to(self.trainer.device)
         cond = self.vqgan.encode(cxr)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        z = sample_latents(self.ema, cond, self.cfg, num_steps=self.cfg.lcm.num_inference_steps, generator=gen,
-                           clip_omega=self.cfg.lcm.global_omega)
+        z = sample_single_path(self.ema, cond, SamplingSettings.from_config(self.cfg),
+                               num_steps=self.cfg.lcm.num_inference_steps, generator=gen,
+                               clip_omega=self.cfg.lcm.global_omega)
         pred = self.vqgan.decode(z).clamp(-1, 1)
         to01 = lambda t: ((t[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
         rows = [[a, b_, c] for a, b_, c in zip(to01(cxr), to01(pred), to01(bs))]

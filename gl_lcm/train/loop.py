@@ -38,6 +38,7 @@ from gl_lcm.utils.checkpoint import (
 )
 from gl_lcm.utils.atomic import ensure_writable
 from gl_lcm.utils.dist import DistInfo, barrier, cleanup_distributed, init_distributed
+from gl_lcm.utils import seeding
 from gl_lcm.utils.seeding import derive_seed, make_generator, seed_everything
 
 KILL_ENV = "GL_LCM_KILL_AFTER_STEP"  # test hook: SIGKILL this process right after that step
@@ -62,7 +63,7 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             g = make_generator(derive_seed(self.seed, "epoch", self.epoch))
-            order = torch.randperm(self.length, generator=g).tolist()
+            order = seeding.randperm(self.length, g).tolist()
         else:
             order = list(range(self.length))
         total = self.per_rank * self.world_size

@@ -26,7 +26,7 @@ student's checkpoint carries the schedules so that it is sampled at the timestep
 estimate instead of z0, which is what a 2- or 4-step sampler feeds it, so the later steps learn to
 correct the first estimate rather than to trust it; with ``onestep.rollout_chain`` the estimate is the one
 a sampler holds just before that timestep (through all earlier steps of a schedule that visits it). The result is a
-'distill'-kind checkpoint, so the dual-path pipeline, guidance and fusion use it unchanged.
+'distill'-kind checkpoint, so the inference engine (dual path, guidance, fusion) uses it unchanged.
 """
 from __future__ import annotations
 
@@ -40,21 +40,14 @@ from gl_lcm.config import Config, config_from_checkpoint
 from gl_lcm.data.datasets import masked
 from gl_lcm.data.pairs import PairedDataset
 from gl_lcm.diffusion.distill import consistency_output
-from gl_lcm.diffusion.lcm import LCMScheduler, dynamic_clip_range
+from gl_lcm.diffusion.lcm import LCMScheduler, clip_grid_index, dynamic_clip_range
 from gl_lcm.diffusion.schedule import add_noise
 from gl_lcm.losses import bone_residual_loss, ms_ssim
 from gl_lcm.models.factory import load_denoiser, update_ema
 from gl_lcm.utils.checkpoint import load_checkpoint
 from gl_lcm.train.ldm import LDMTask, psnr_batch
 from gl_lcm.train.loop import Trainer
-
-
-def sampler_timesteps(step_counts, num_train_timesteps: int, original_inference_steps: int,
-                      step_schedules=()) -> list[int]:
-    """Sorted (descending) union of the LCM timesteps that sampling with each of ``step_counts`` visits
-    (with ``step_schedules``, lcm.step_schedules, where one has that many steps)."""
-    return union_timesteps(step_schedules_of(step_counts, num_train_timesteps, original_inference_steps,
-                                             step_schedules))
+from gl_lcm.utils import seeding
 
 
 def union_timesteps(schedules) -> list[int]:
@@ -91,8 +84,6 @@ def rollout_chains(timesteps, schedules, picks) -> list[list[int]]:
 
 def clip_ranges(timesteps: torch.Tensor, omegas: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Per-sample x0 clip range the LCM sampler uses at ``timesteps`` (B,) for base ``omegas`` (B,)."""
-    from gl_lcm.pipeline import clip_grid_index
-
     d = cfg.diffusion
     return torch.tensor([dynamic_clip_range(clip_grid_index(int(t), d.num_train_timesteps,
                                                             cfg.lcm.original_inference_steps), float(o), cfg.lcm.clip_b)
@@ -125,7 +116,7 @@ class LatentImagePairs(Dataset):
 
 
 class OneStepTask(LDMTask):
-    name = "distill"  # a student checkpoint: the pipeline loads it like a distilled one
+    name = "distill"  # a student checkpoint: the inference engine loads it like a distilled one
     label = "one-step student"
 
     def build(self, trainer: Trainer) -> None:
@@ -161,16 +152,16 @@ class OneStepTask(LDMTask):
         o = self.cfg.onestep
         z0, cond, image, omega = batch["target"], batch["cond"], batch["image"], batch["omega"]
         b, dev = z0.shape[0], z0.device
-        u = torch.rand(b, generator=generator, device=generator.device).cpu()
+        u = seeding.rand(b, generator, "cpu")
         t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+        noise = seeding.randn(z0.shape, generator, dev)
         start = z0
         if o.rollout:  # later steps start from the student's own earlier estimate, as in sampling
-            noises = [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)]
+            noises = [seeding.randn(z0.shape, generator, dev)]
             if o.rollout_chain:  # the steps before t in a schedule that visits it
-                picks = torch.rand(b, generator=generator, device=generator.device).cpu()
+                picks = seeding.rand(b, generator, "cpu")
                 depth = max(len(s) for s in self.schedules) - 1
-                noises += [torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+                noises += [seeding.randn(z0.shape, generator, dev)
                            for _ in range(depth - 1)]
                 chains = rollout_chains(t.tolist(), self.schedules, picks.tolist())
             else:  # the first estimate only

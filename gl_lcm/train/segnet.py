@@ -22,6 +22,7 @@ from gl_lcm.data.pairs import read_split, resize_image
 from gl_lcm.data.datasets import split_list_path
 from gl_lcm.models.factory import build_segnet
 from gl_lcm.train.loop import Trainer, TrainTask
+from gl_lcm.utils import seeding
 from gl_lcm.utils.plotting import save_grid
 
 
@@ -97,7 +98,7 @@ class SegNetTask(TrainTask):
         if self.cfg.segmentation.augment:
             x, y = augment_films(x, y, generator)
         else:
-            flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
+            flip = seeding.rand(x.shape[0], generator, x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
         logits = self.trainer.net("segnet")(x)

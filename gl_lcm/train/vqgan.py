@@ -16,6 +16,7 @@ from gl_lcm.data.datasets import AutoencoderImages, pairs_for_split
 from gl_lcm.models.factory import build_discriminator, build_vqgan, load_vqgan
 from gl_lcm.train.ldm import psnr_batch
 from gl_lcm.train.loop import Trainer, TrainTask
+from gl_lcm.utils import seeding
 from gl_lcm.utils.atomic import atomic_write_text
 from gl_lcm.utils.plotting import save_grid
 
@@ -80,8 +81,9 @@ class VQGANTask(TrainTask):
 
     def micro_step(self, batch, step, generator):
         x = batch["image"]
-        # dead-code restarts draw from a CPU generator derived from this step's seed
-        restart_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        # dead-code restarts draw from a CPU generator derived from this step's seed (drawn on the step
+        # generator's own device: on CUDA that generator lives on the GPU)
+        restart_gen = torch.Generator().manual_seed(int(seeding.randint(0, 2**62, (1,), generator, "cpu")))
         recon, quant_loss, info = self.trainer.net("vqgan")(x, generator=restart_gen)
         adversarial_on = self.loss.adversarial_active(step)
         # the generator's adversarial term goes through the bare discriminator with frozen weights,

@@ -62,12 +62,3 @@ def barrier() -> None:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity for a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value

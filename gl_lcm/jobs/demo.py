@@ -1,4 +1,4 @@
-"""`gl-lcm demo`: the whole suite on built-in phantoms, no arguments, no downloads.
+"""`gl-lcm demo`: the whole suite on built-in phantoms, no arguments, no downloads (a job on the engine).
 
 Stages (each resumes: a finished stage is skipped, a killed training resumes from its checkpoint):
 phantoms -> VQGAN -> teacher -> student (consistency distillation) -> one-step student (fine-tuned
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from gl_lcm.config import Config, load_config
 from gl_lcm.utils.atomic import atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the tiny configs the demo trains with
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the tiny configs the demo trains with
 PUBLISHED = "GL-LCM published: teacher, LCM-50, LEG"
 ONE_STEP = "GL-LCM ours: one-step student, 1 step"
 CEILING = "Ceiling: VQGAN round trip of the soft-tissue truth"
@@ -39,7 +39,10 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
     common = [f"data.root={data_root}"]
     if fast:
         common += ["data.image_size=64"]
-    vq = _config("vqgan_tiny.yaml", common + [f"train.output_dir={out / 'vqgan'}"]
+    # the demo's VQGAN trains without the LPIPS-VGG term even where its weights are installed: measured on
+    # these phantoms (one run each) it made the stage 3.6x slower and gave no gain (round-trip PSNR 25.49
+    # against 25.88 dB, LPIPS 0.138 against 0.130), and the demo must fit in 15 minutes on 2 cores
+    vq = _config("vqgan_tiny.yaml", common + [f"train.output_dir={out / 'vqgan'}", "vqgan.perceptual_weight=0"]
                      + (["train.max_steps=30", "train.val_every=30", "train.ckpt_every=30",
                          "vqgan.adversarial_start_step=20"] if fast else []))
     vq_ckpt = str(out / "vqgan" / "model.pt")
@@ -78,8 +81,13 @@ def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log:
 
 
 def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    """Run every stage; returns the report's numbers. The report is ``<out_dir>/report.md``."""
+             progress: bool = True, download: bool | None = None) -> dict:
+    """Run every stage; returns the report's numbers. The report is ``<out_dir>/report.md``.
+
+    download: whether the LPIPS trunk weights may be installed from the package registry when missing
+    (`gl-lcm weights lpips`); default: yes for the full demo, no for ``fast`` (a smoke run stays offline).
+    Without the weights LPIPS is left out and the report says why."""
+    from gl_lcm.weights import ensure_lpips_weights
     from gl_lcm.data.phantom import write_phantom_dataset
     from gl_lcm.train.distill import train_distill
     from gl_lcm.train.ldm import train_ldm
@@ -96,6 +104,8 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
     print(f"[demo] {machine}")
     timing_path = out / "stage_times.json"
     stage_times: dict = json.loads(timing_path.read_text()) if timing_path.is_file() and not overwrite else {}
+    lpips_ok, lpips_note = ensure_lpips_weights(allow_registry=(not fast) if download is None else download)
+    print(f"[demo] {lpips_note}")
     n, size = (24, 64) if fast else (200, 96)
     resume = "none" if overwrite else "auto"
     _stage("phantoms", out / "data" / "test.txt", overwrite,
@@ -111,7 +121,8 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
     t0 = time.time()
     results = evaluate_demo(cfgs["eval"], out, onestep_checkpoint=out / "onestep" / "model.pt", fast=fast,
-                            progress=progress)
+                            progress=progress, lpips=lpips_ok)
+    results["lpips_note"] = lpips_note
     stage_times["evaluation"] = time.time() - t0
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
     write_report(out, results, stage_times, fast, machine)
@@ -120,51 +131,76 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
 
 
 # ---------------------------------------------------------------------------- evaluation
+class KnownMasks:
+    """A segmenter for the engine that returns masks computed beforehand (by name)."""
+
+    def __init__(self, masks: dict):
+        self.masks = masks
+
+    def __call__(self, name, image01, cache_dir=None, overwrite=False):
+        return self.masks[name]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:60]
+
+
 @torch.no_grad()
 def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool = False,
-                  progress: bool = True) -> dict:
-    """GL-LCM (teacher, students) and baselines on the held-out phantoms, in memory."""
-    from gl_lcm.data.datasets import pairs_for_split
+                  progress: bool = True, lpips: bool = False) -> dict:
+    """GL-LCM (teacher, students) and baselines on the held-out phantoms, all through the inference engine.
+
+    The GL-LCM rows run the evaluate job's own code (:func:`gl_lcm.jobs.evaluate.run_split`): it writes
+    out/eval/<row>/{global,local,fused}/ as `gl-lcm evaluate` does, and the rows' metrics are those of
+    the fused PNGs it wrote (eval.bit_depth). Their times come from extra passes in memory.
+    """
+    import cv2
+
     from gl_lcm.data.io import read_image
-    from gl_lcm.evaluate import Segmenter
-    from gl_lcm.metrics import compute_metrics, summarize
-    from gl_lcm.models.factory import load_denoiser, load_vqgan
-    from gl_lcm.pipeline import GLLCMPipeline, image_generators, sample_latents, sampling_config
+    from gl_lcm.inference.engine import InferenceEngine
+    from gl_lcm.inference.segmenter import Segmenter
+    from gl_lcm.jobs.evaluate import OutputOptions, SplitFiles, run_split
+    from gl_lcm.metrics import LPIPSMetric, compute_metrics, summarize
     from gl_lcm.utils.dist import resolve_device
 
     device = resolve_device(cfg.device)
     size = cfg.data.image_size
+    files = SplitFiles.from_config(cfg, "test")
+    from gl_lcm.data.datasets import pairs_for_split
+
     pairs = pairs_for_split(cfg, "test")
-    vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
-    teacher, _ = load_denoiser(cfg.checkpoints.teacher, device)
-    student, _ = load_denoiser(cfg.checkpoints.student, device)
-    onestep, onestep_cfg = load_denoiser(onestep_checkpoint, device)
-    models = {"teacher": teacher, "student": student, "onestep": onestep}
-    sampling_cfgs = {"onestep": sampling_config(cfg, onestep_cfg)}  # it predicts x0 (onestep.prediction_type)
-    seg = Segmenter(cfg, out / "eval")
-    import cv2
 
     def load(p):
         img, _ = read_image(p)
         return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) if img.shape != (size, size) else img
 
-    names = [p.stem for p in pairs]
+    names = files.stems
     cxrs = [load(p.cxr) for p in pairs]
     gts = [load(p.bs) for p in pairs]
-    masks = []
+    segment = Segmenter.from_config(cfg, device)
+    masks = {}
     for pair, c in zip(pairs, cxrs):
         try:
-            masks.append(seg(pair.stem, c))
+            masks[pair.stem] = segment(pair.stem, c, cache_dir=out / "eval")
         except ValueError:  # no lung found: fall back to the phantom's true mask for the demo
-            masks.append(load(pair.mask) > 0.5)
+            masks[pair.stem] = load(pair.mask) > 0.5
+    known = KnownMasks(masks)
+    engines = {
+        "teacher": InferenceEngine.from_config(cfg, model="teacher", device=device, segmenter=known),
+        "student": InferenceEngine.from_config(cfg, model="student", device=device, segmenter=known),
+        "onestep": InferenceEngine.from_config(cfg, checkpoint=str(onestep_checkpoint), device=device,
+                                               segmenter=known),
+    }
+    options = OutputOptions.from_config(cfg)
 
     preds: dict[str, list[np.ndarray]] = {}
+    float_preds: dict[str, list[np.ndarray]] = {}
     times: dict[str, float] = {}
     sampling: dict[str, float] = {}
     extra: dict[str, dict] = {}
     ddpm_n = 2  # 1000 UNet calls per image: two images give its time and a metric subset
     # few-step sampling takes milliseconds per image, where a scheduler hiccup moves the time by a third:
-    # each sampled method runs this many times over the test set and keeps its fastest pass
+    # each sampled method runs this many times over the test set in memory and keeps its fastest pass
     timing_passes = 1 if fast else 3
     # (model, sampler, steps, local-path guidance). LEG re-injects fresh noise at every step, which
     # averages out over 50 steps but not over 1-4, so few-step rows use the plain local prediction.
@@ -188,56 +224,64 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
         if spec is None and name.startswith("Identity"):
             preds[name] = list(cxrs)
         elif spec is None:
-            out_imgs = []
             source = gts if name == CEILING else cxrs
-            for i in range(0, len(source), batch):
-                x = torch.from_numpy(np.stack(source[i:i + batch]))[:, None].to(device) * 2 - 1
-                out_imgs += list(((vqgan.decode(vqgan.encode(x)).clamp(-1, 1)[:, 0].cpu().numpy() + 1) / 2))
-            preds[name] = out_imgs
+            preds[name] = [img for i in range(0, len(source), batch)
+                           for img in engines["teacher"].round_trip(source[i:i + batch])]
         elif spec[1] == "ddpm":
+            engine = engines[spec[0]]
             out_imgs = []
             sampling[name] = 0.0
             for i in range(ddpm_n):
-                x = torch.from_numpy(cxrs[i])[None, None].to(device) * 2 - 1
-                gen = image_generators(cfg.seed, [names[i]])[0]
-                cond = vqgan.encode(x)
-                t1 = time.perf_counter()
-                z = sample_latents(teacher, cond, cfg, 1000, generator=gen, sampler="ddpm")
-                sampling[name] += (time.perf_counter() - t1) / ddpm_n
-                img = ((vqgan.decode(z, requantize=cfg.reference.requantize).clamp(-1, 1)[0, 0].cpu().numpy() + 1) / 2)
-                out_imgs.append(np.where(cxrs[i] <= 0, 0.0, img))
+                out_imgs += engine.run_global(names[i:i + 1], cxrs[i:i + 1], 1000, sampler="ddpm")
+                sampling[name] += engine.timer.seconds["sampling"] / ddpm_n
+                engine.timer.reset()
             preds[name] = out_imgs
         else:
-            pipe = GLLCMPipeline(vqgan, models[spec[0]], sampling_cfgs.get(spec[0], cfg), device)
+            engine = engines[spec[0]]
+            row_dir = out / "eval" / _slug(name)
+            run_split(engine, files, row_dir, options, overwrite=True, guidance_mode=spec[3], num_steps=spec[2],
+                      progress=False, figures=False)
+            preds[name] = [read_image(row_dir / "fused" / f"{n}.png")[0] for n in names]
             passes, walls = [], []  # sampling s / image and wall s of each pass; every pass gives the same outputs
             for _ in range(timing_passes):
                 fused, glob, loc = [], [], []
                 passes.append(0.0)
                 t_pass = time.perf_counter()
                 for i in range(0, len(cxrs), batch):
-                    rs = pipe.run(names[i:i + batch], cxrs[i:i + batch], masks[i:i + batch], num_steps=spec[2],
-                                  guidance_mode=spec[3])
+                    rs = engine.run(names[i:i + batch], cxrs[i:i + batch], [masks[n] for n in names[i:i + batch]],
+                                    num_steps=spec[2], guidance_mode=spec[3])
                     passes[-1] += sum(r.timings["sampling"] for r in rs) / len(cxrs)
                     fused += [r.fused for r in rs]
                     glob += [r.global_img for r in rs]
                     loc += [r.local_img for r in rs]
                 walls.append(time.perf_counter() - t_pass)
             sampling[name], times[name] = min(passes), min(walls) / len(cxrs)
-            preds[name] = fused
+            float_preds[name] = fused
             extra[name] = {"global": glob, "local": loc}
         times.setdefault(name, (time.perf_counter() - t0) / len(preds[name]))
-    per_image = {name: [compute_metrics(cxrs[i], gts[i], p, image_size=cfg.metrics.image_size)
-                        for i, p in enumerate(ps)] for name, ps in preds.items()}
+
+    lpips_metric = LPIPSMetric(protocol=cfg.metrics.lpips_protocol) if lpips else None
+
+    def metrics_of(ps, with_lpips=True):
+        return [compute_metrics(cxrs[i], gts[i], p, image_size=cfg.metrics.image_size,
+                                lpips_metric=lpips_metric if with_lpips else None) for i, p in enumerate(ps)]
+
+    per_image = {name: metrics_of(ps) for name, ps in preds.items()}
     rows = {name: summarize(r) for name, r in per_image.items()}
+    # what writing 8-bit PNGs changes: the largest |mean PSNR (PNG) - mean PSNR (float)| over the rows
+    png_effect = max((abs(rows[n]["psnr"][0] - summarize(metrics_of(ps, with_lpips=False))["psnr"][0])
+                      for n, ps in float_preds.items()), default=0.0)
     ddpm_name = methods[3][0]
     # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
     subset = {name: summarize(r[:ddpm_n]) for name, r in per_image.items()}
-    figure_cases(out / "demo_figure.png", cxrs, gts, extra[ONE_STEP], preds[ONE_STEP], k=4)
+    figure_cases(out / "demo_figure.png", cxrs, gts, extra[ONE_STEP], float_preds[ONE_STEP], k=4)
     unet_calls = {name: (spec[2] if spec[1] == "ddpm" else 2 * spec[2]) for name, spec in methods if spec is not None}
     figure_psnr_vs_calls(out / "psnr_vs_unet_calls.png", rows, unet_calls)
     return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs),
             "ddpm_n": ddpm_n, "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size,
-            "unet_calls": unet_calls, "timing_passes": timing_passes}
+            "unet_calls": unet_calls, "timing_passes": timing_passes, "bit_depth": options.bit_depth,
+            "lpips_protocol": lpips_metric.protocol if lpips_metric else None,
+            "png_effect_db": png_effect}
 
 
 def figure_psnr_vs_calls(path: Path, rows: dict, unet_calls: dict) -> None:
@@ -288,10 +332,18 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
     teacher = PUBLISHED
     lines = [f"# gl-lcm demo report{' (--fast smoke run)' if fast else ''}", "",
              f"Held-out phantoms: {res['n_test']} images at {res['image_size']}x{res['image_size']}; metrics at "
-             f"{res['metrics_size']}x{res['metrics_size']}; LPIPS not computed (needs local AlexNet weights).", "",
-             "## Metrics (mean ± std over the test split)", "", markdown_table(res["summaries"]).strip(), "",
+             f"{res['metrics_size']}x{res['metrics_size']}; "
+             + (f"LPIPS: AlexNet, {res['lpips_protocol']} protocol." if res.get("lpips_protocol")
+                else f"LPIPS not computed: {res.get('lpips_note', 'no AlexNet weights')}."), "",
+             f"GL-LCM rows: metrics of the {res['bit_depth']}-bit PNGs that the evaluate job's code wrote "
+             f"(eval/<row>/fused/, as `gl-lcm evaluate` writes and reads them); computed on the float outputs "
+             f"instead, no row's mean PSNR moves by more than {res['png_effect_db']:.4f} dB. Other rows: float "
+             f"outputs in memory.", "",
+             "## Metrics (mean ± std over the test split)", "",
+             markdown_table(res["summaries"], lpips_protocol=res.get("lpips_protocol")).strip(), "",
              f"The DDPM-1000 baseline runs on the first {res['ddpm_n']} test images only (it takes 1000 UNet "
-             f"calls per image); on that subset:", "", markdown_table(res["subset"]).strip(), "",
+             f"calls per image); on that subset:", "",
+             markdown_table(res["subset"], lpips_protocol=res.get("lpips_protocol")).strip(), "",
              "## Time per image (this machine)", "",
              "Sampling = the diffusion/consistency sampling of both paths (what the step count changes); "
              f"sampling and total of the GL-LCM rows are those of the fastest of {res['timing_passes']} passes over "
