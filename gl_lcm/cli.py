@@ -121,6 +121,26 @@ def cmd_train_seg(args):
     train_segnet(_cfg(args), resume=args.resume)
 
 
+def cmd_prepare_bse_jsrt(args):
+    from gl_lcm.data.bse_jsrt import prepare_bse_jsrt
+    from gl_lcm.inference.segmenter import Segmenter
+
+    if args.segnet:
+        from gl_lcm.config import load_config
+
+        cfg = load_config(None, ["segmentation.method=unet", f"checkpoints.segnet={args.segnet}", "device=cpu"])
+        segmenter, method = Segmenter.from_config(cfg), f"lung U-Net {args.segnet}"
+    else:
+        segmenter, method = Segmenter("classical"), "classical"
+    result = prepare_bse_jsrt(args.repo, args.out, size=args.size, segmenter=segmenter, mask_method=method,
+                              val_count=args.val_count, seed=args.seed)
+    print(f"{args.out}: {result['train']} training, {result['val']} validation and {result['test']} held-out test "
+          f"pairs at {args.size} px; lung masks: {result['mask_method']}"
+          + (f" (none found for {len(result['no_mask'])}: {', '.join(result['no_mask'][:8])})"
+             if result["no_mask"] else "")
+          + (f"; kept out of training: {', '.join(result['excluded'])}" if result["excluded"] else ""))
+
+
 def cmd_prepare_lung_set(args):
     from gl_lcm.data.io import list_images
     from gl_lcm.data.lung_sets import add_phantoms, prepare_covid_lung_set
@@ -270,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--phantoms", type=int, default=24, help="built-in phantoms added to the training list "
                                                            "(keeps the net working on the suite's synthetic data)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("prepare-bse-jsrt", cmd_prepare_bse_jsrt,
+            "real CXR / soft-tissue pairs (CXR/, BS/, Mask/, train/val/test lists) from a local clone of the "
+            "BSE-JSRT pairs in github.com/akalia77/Bone_Suppresion, inverted to bone-bright and resized")
+    p.add_argument("--repo", required=True, help="clone of github.com/akalia77/Bone_Suppresion")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=256, help="square size of the written images (px)")
+    p.add_argument("--segnet", default="", help="lung U-Net checkpoint for the masks (default: the classical method)")
+    p.add_argument("--val-count", type=int, default=12, help="training films held out for validation (seeded)")
     p.add_argument("--seed", type=int, default=0)
 
     p = add("segment", cmd_segment, "lung masks and overlays for one image or a folder")

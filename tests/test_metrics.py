@@ -431,3 +431,29 @@ def test_compute_metrics_includes_ssim_columns(rng):
     values = compute_metrics(cxr, gt, gt * 0.98 + 0.01, image_size=None)
     assert set(values) == {"bsr", "mse", "psnr", "ssim", "ms_ssim"}
     assert 0.5 < values["ssim"] <= 1 and 0.5 < values["ms_ssim"] <= 1
+
+
+def test_paired_bootstrap_interval_against_scipy_and_the_normal_limit():
+    """Mean difference exactly; interval against scipy.stats.bootstrap (percentile, paired as one sample of
+    differences) and against the normal approximation mean +- 1.96 sd / sqrt(n) for a large sample."""
+    from scipy import stats
+
+    from gl_lcm.metrics import paired_bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(25.0, 1.0, 40)
+    other = base + rng.normal(0.3, 0.5, 40)  # paired: the per-image spread cancels
+    mean, lo, hi = paired_bootstrap_ci(other, base, n_boot=20000, seed=1)
+    d = other - base
+    assert mean == pytest.approx(d.mean(), abs=1e-12)
+    ref = stats.bootstrap((d,), np.mean, confidence_level=0.95, method="percentile", n_resamples=20000,
+                          random_state=np.random.default_rng(2)).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=0.02) and hi == pytest.approx(ref.high, abs=0.02)
+    big = rng.normal(0.1, 1.0, 4000)
+    m, lo2, hi2 = paired_bootstrap_ci(big, np.zeros_like(big), n_boot=4000, seed=0)
+    half = 1.96 * big.std() / np.sqrt(big.size)
+    assert lo2 == pytest.approx(m - half, abs=0.1 * half) and hi2 == pytest.approx(m + half, abs=0.1 * half)
+    # an unpaired reading (independent resampling of a and b) would be far wider: the pairing matters
+    assert hi - lo < 0.5 * 2 * 1.96 * np.sqrt(2) * base.std() / np.sqrt(base.size)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_ci([1.0, 2.0], [[1.0], [2.0]])

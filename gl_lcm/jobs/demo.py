@@ -272,6 +272,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     png_effect = max((abs(rows[n]["psnr"][0] - summarize(metrics_of(ps, with_lpips=False))["psnr"][0])
                       for n, ps in float_preds.items()), default=0.0)
     ddpm_name = methods[3][0]
+    paired = paired_differences(per_image, PUBLISHED, [n for n, spec in methods if spec and spec[1] == "gllcm"])
     # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
     subset = {name: summarize(r[:ddpm_n]) for name, r in per_image.items()}
     figure_cases(out / "demo_figure.png", cxrs, gts, extra[ONE_STEP], float_preds[ONE_STEP], k=4)
@@ -280,8 +281,46 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs),
             "ddpm_n": ddpm_n, "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size,
             "unet_calls": unet_calls, "timing_passes": timing_passes, "bit_depth": options.bit_depth,
-            "lpips_protocol": lpips_metric.protocol if lpips_metric else None,
+            "lpips_protocol": lpips_metric.protocol if lpips_metric else None, "paired": paired,
             "png_effect_db": png_effect}
+
+
+PAIRED_METRICS = (("psnr", "PSNR (dB)", 1.0, 2), ("bsr", "BSR (points)", 100.0, 2), ("ms_ssim", "MS-SSIM", 1.0, 4),
+                  ("lpips", "LPIPS", 1.0, 4))
+
+
+def paired_differences(per_image: dict, reference: str, names) -> dict:
+    """name -> metric -> (mean, lower, upper) of the per-image paired difference row - ``reference``
+    (95 % percentile bootstrap, :func:`gl_lcm.metrics.paired_bootstrap_ci`), scaled for display."""
+    from gl_lcm.metrics import paired_bootstrap_ci
+
+    out = {}
+    for name in names:
+        if name == reference:
+            continue
+        rows, ref = per_image[name], per_image[reference]
+        out[name] = {key: tuple(scale * v for v in paired_bootstrap_ci([r[key] for r in rows], [r[key] for r in ref]))
+                     for key, _, scale, _ in PAIRED_METRICS if key in rows[0] and key in ref[0]}
+    return out
+
+
+def paired_table(paired: dict, reference: str) -> list[str]:
+    """Markdown lines: mean paired difference [95 % interval] per metric; better/worse only where the
+    interval excludes 0 (LPIPS: lower is better)."""
+    keys = [(k, label, places) for k, label, _, places in PAIRED_METRICS
+            if any(k in m for m in paired.values())]
+    lines = [f"| Method - {reference} | " + " | ".join(label for _, label, _ in keys) + " |",
+             "|:--|" + "--:|" * len(keys)]
+    for name, metrics in paired.items():
+        cells = []
+        for key, _, places in keys:
+            mean, lo, hi = metrics[key]
+            good = (lo > 0) if key != "lpips" else (hi < 0)
+            bad = (hi < 0) if key != "lpips" else (lo > 0)
+            verdict = " better" if good else (" worse" if bad else "")
+            cells.append(f"{mean:+.{places}f} [{lo:+.{places}f}, {hi:+.{places}f}]{verdict}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def figure_psnr_vs_calls(path: Path, rows: dict, unet_calls: dict) -> None:
@@ -344,6 +383,10 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
              f"The DDPM-1000 baseline runs on the first {res['ddpm_n']} test images only (it takes 1000 UNet "
              f"calls per image); on that subset:", "",
              markdown_table(res["subset"], lpips_protocol=res.get("lpips_protocol")).strip(), "",
+             "## Paired differences against the published setting", "",
+             "Per-image differences (method - published) on the same test images, mean and 95 % percentile "
+             "bootstrap interval (10,000 resamples); 'better' / 'worse' only where the interval excludes 0.", "",
+             *paired_table(res["paired"], PUBLISHED), "",
              "## Time per image (this machine)", "",
              "Sampling = the diffusion/consistency sampling of both paths (what the step count changes); "
              f"sampling and total of the GL-LCM rows are those of the fastest of {res['timing_passes']} passes over "
@@ -368,5 +411,6 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
     atomic_write_text(out / "report.json", json.dumps(
         {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},
          "times": t, "sampling": res["sampling"], "unet_calls": res["unet_calls"], "stage_times": stage_times,
+         "paired_vs_published": {k: {m: list(v) for m, v in d.items()} for k, d in res["paired"].items()},
          "machine": machine},
         indent=2, default=float))
