@@ -9,7 +9,6 @@ of the user's config is printed in one line, key, config value and checkpoint va
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -176,7 +175,3 @@ class PixelSettings:
         return cls(image_size=cfg.data.image_size, published_conversions=r.conversions == "published",
                    mean_shift=r.mean_shift, requantize=r.requantize)
 
-
-def with_steps(settings: SamplingSettings, num_steps: int) -> SamplingSettings:
-    """The same settings with another LCM step count."""
-    return dataclasses.replace(settings, num_inference_steps=num_steps)

@@ -161,17 +161,7 @@ class FastUNet(nn.Module):
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         net = self.net
-        x = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
-        if x.shape[1] != net.in_channels:
-            raise ValueError(f"UNet expects {net.in_channels} input channels (x_t + cond), got {x.shape[1]}")
-        factor = 2**net.num_downsamplings
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be divisible by {factor}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
+        x, t = net.network_inputs(x_t, t, cond)
         emb = self._embedding(t)
         h = x.to(self.dtype)
         skips = []

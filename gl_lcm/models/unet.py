@@ -141,6 +141,23 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
+    def network_inputs(self, x_t: torch.Tensor, t: torch.Tensor | float,
+                       cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, t): x_t and cond concatenated (checked against in_channels and the downsamplings) and the
+        timesteps as a (B,) tensor on x's device (a scalar is broadcast)."""
+        x = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects {self.in_channels} input channels (x_t + cond), got {x.shape[1]}")
+        factor = 2**self.num_downsamplings
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be divisible by {factor}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
+        return x, t
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the target for noisy latents.
 
@@ -153,17 +170,7 @@ class UNet(nn.Module):
         Returns:
             B x out_channels x h x w.
         """
-        x = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"UNet expects {self.in_channels} input channels (x_t + cond), got {x.shape[1]}")
-        factor = 2**self.num_downsamplings
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be divisible by {factor}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
+        x, t = self.network_inputs(x_t, t, cond)
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
 
         h = x
