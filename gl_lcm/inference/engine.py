@@ -101,12 +101,13 @@ class InferenceEngine:
 
     @classmethod
     def from_parts(cls, vqgan, unet, cfg: Config, device: torch.device, denoiser_cfg: Optional[Config] = None,
-                   segmenter=None, **options) -> "InferenceEngine":
+                   segmenter=None, source: str = "checkpoint", **options) -> "InferenceEngine":
         """An engine over given modules with ``cfg``'s settings (``denoiser_cfg``: the denoiser's own
-        checkpoint config, which decides its prediction type). ``segmenter`` as in :meth:`from_config`
-        (default: none here)."""
+        checkpoint config, which decides its prediction type; ``source`` names it in the override notices).
+        ``segmenter`` as in :meth:`from_config` (default: none here)."""
         e = cfg.eval
-        return cls(vqgan, unet, SamplingSettings.from_config(cfg, denoiser_cfg), FusionSettings.from_config(cfg),
+        return cls(vqgan, unet, SamplingSettings.from_config(cfg, denoiser_cfg, source=source),
+                   FusionSettings.from_config(cfg),
                    PixelSettings.from_config(cfg), device,
                    segmenter=Segmenter.from_config(cfg, device) if segmenter is True else (segmenter or None),
                    precision=e.precision, vqgan_precision=e.vqgan_precision, compile=e.compile,
@@ -135,9 +136,8 @@ class InferenceEngine:
         vqgan = load_vqgan(cfg.checkpoints.vqgan, device)
         unet, unet_cfg = load_denoiser(path, device)
         check_latent_fits_unet(cfg.data.image_size, vqgan, unet)
-        engine = cls.from_parts(vqgan, unet, cfg, device, segmenter=segmenter, **options)
-        engine.sampling = SamplingSettings.from_config(cfg, unet_cfg, source=str(path))
-        return engine
+        return cls.from_parts(vqgan, unet, cfg, device, denoiser_cfg=unet_cfg, source=str(path), segmenter=segmenter,
+                              **options)
 
     # ------------------------------------------------------------------ stages
     def segment(self, name: str, image01: np.ndarray, cache_dir: Optional[Path] = None,
