@@ -186,8 +186,10 @@ class OneStepConfig:
 
 @dataclass
 class SegmentationConfig:
-    method: str = opt("classical", "lung segmentation method (pretrained: the lungs-segmentation package's "
-                                   "published ResNet34 U-Net, weights in checkpoints.lungs_segmentation)",
+    method: str = opt("auto", "lung segmentation method: auto (the lung U-Net of checkpoints.segnet, else the one at "
+                              "runs/segnet_lungs/model.pt where the README recipe leaves it, else classical), "
+                              "classical, unet, folder (segmentation.mask_dir) or pretrained (the lungs-segmentation "
+                              "package's published ResNet34 U-Net, weights in checkpoints.lungs_segmentation)",
                       choices=SEGMENTATION_METHODS)
     mask_dir: str = opt("", "folder of precomputed masks for method 'folder'")
     mask_threshold: float = opt(0.0, "method 'folder': a mask pixel is lung when its value as a fraction of full scale "

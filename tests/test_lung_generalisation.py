@@ -258,3 +258,31 @@ def test_outputs_are_validated_on_load():
         load_config(None, ["segmentation.outputs=[visible,visible]"])
     with pytest.raises(ConfigError, match="segmentation.outputs"):
         load_config(None, ["segmentation.outputs=[lungs]"])
+
+
+def test_auto_uses_a_trained_lung_unet_from_the_documented_path(tmp_path, monkeypatch):
+    """segmentation.method=auto (the default): the U-Net where the README recipe leaves it, else the
+    classical method with one line that names the recipe."""
+    from gl_lcm.config import load_config
+    from gl_lcm.data.phantom import write_phantom_dataset
+    from gl_lcm.inference import Segmenter
+    from gl_lcm.train.segnet import train_segnet
+
+    monkeypatch.chdir(tmp_path)  # DEFAULT_SEGNET is relative to the working directory
+    said = []
+    auto = load_config(None, ["device=cpu"])
+    assert auto.segmentation.method == "auto"
+    assert Segmenter.from_config(auto, log=said.append).method == "classical"
+    assert len(said) == 1 and "runs/segnet_lungs/model.pt" in said[0] and "docs/clinical.md" in said[0]
+    phantoms = tmp_path / "ph"
+    write_phantom_dataset(phantoms, n=4, size=32, seed=1)
+    train_segnet(load_config(REPO / "configs/segnet_tiny.yaml", [
+        f"data.root={phantoms}", "train.output_dir=runs/segnet_lungs", "segmentation.image_size=32",
+        "segmentation.depth=2", "segmentation.base_channels=8", "train.max_steps=1", "train.batch_size=2",
+        "device=cpu"]), progress=False)
+    said.clear()
+    seg = Segmenter.from_config(auto, log=said.append)
+    assert seg.method == "unet" and said == [] and seg.method_options["image_size"] == 32
+    # an explicit choice wins
+    assert Segmenter.from_config(load_config(None, ["segmentation.method=classical"]), log=said.append).method \
+        == "classical" and said == []

@@ -28,7 +28,9 @@ from gl_lcm.segmentation.classical import segment_lungs_classical
 from gl_lcm.segmentation.postprocess import postprocess_mask
 
 PathLike = Union[str, os.PathLike]
-SEGMENTATION_METHODS: Tuple[str, ...] = ("classical", "unet", "folder", "pretrained")
+# "auto" (the config's default) is resolved by gl_lcm.inference.segmenter: the lung U-Net when one is
+# trained, else "classical"; segment_lungs itself takes the concrete methods
+SEGMENTATION_METHODS: Tuple[str, ...] = ("auto", "classical", "unet", "folder", "pretrained")
 MASK_EXTENSIONS: Tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
@@ -220,4 +222,5 @@ def segment_lungs(image01: np.ndarray, method: str, *, model: Optional[nn.Module
             raise ValueError("segmentation method 'folder' needs mask_dir and name (the image stem)")
         mask = load_masks_from_folder(mask_dir, Path(name).stem, image.shape, threshold=mask_threshold)
         return postprocess_mask(mask, min_area=min_area, name=name)
-    raise ValueError(f"unknown segmentation method {method!r}; valid: {', '.join(SEGMENTATION_METHODS)}")
+    concrete = [m for m in SEGMENTATION_METHODS if m != "auto"]
+    raise ValueError(f"unknown segmentation method {method!r}; valid: {', '.join(concrete)}")
