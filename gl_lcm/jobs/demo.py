@@ -145,6 +145,21 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:60]
 
 
+def _timed_passes(engine, names, cxrs, masks: dict, batch: int, steps: int, guidance, passes: int):
+    """Run the test set through ``engine.run`` ``passes`` times in memory (every pass gives the same
+    outputs): (fastest sampling s / image, fastest wall s / image, the results of the last pass)."""
+    sampling, walls = [], []
+    for _ in range(passes):
+        results = []
+        t_pass = time.perf_counter()
+        for i in range(0, len(cxrs), batch):
+            results += engine.run(names[i:i + batch], cxrs[i:i + batch], [masks[n] for n in names[i:i + batch]],
+                                  num_steps=steps, guidance_mode=guidance)
+        walls.append(time.perf_counter() - t_pass)
+        sampling.append(sum(r.timings["sampling"] for r in results) / len(cxrs))
+    return min(sampling), min(walls) / len(cxrs), results
+
+
 @torch.no_grad()
 def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool = False,
                   progress: bool = True, lpips: bool = False) -> dict:
@@ -242,22 +257,10 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
             run_split(engine, files, row_dir, options, overwrite=True, guidance_mode=spec[3], num_steps=spec[2],
                       progress=False, figures=False)
             preds[name] = [read_image(row_dir / "fused" / f"{n}.png")[0] for n in names]
-            passes, walls = [], []  # sampling s / image and wall s of each pass; every pass gives the same outputs
-            for _ in range(timing_passes):
-                fused, glob, loc = [], [], []
-                passes.append(0.0)
-                t_pass = time.perf_counter()
-                for i in range(0, len(cxrs), batch):
-                    rs = engine.run(names[i:i + batch], cxrs[i:i + batch], [masks[n] for n in names[i:i + batch]],
-                                    num_steps=spec[2], guidance_mode=spec[3])
-                    passes[-1] += sum(r.timings["sampling"] for r in rs) / len(cxrs)
-                    fused += [r.fused for r in rs]
-                    glob += [r.global_img for r in rs]
-                    loc += [r.local_img for r in rs]
-                walls.append(time.perf_counter() - t_pass)
-            sampling[name], times[name] = min(passes), min(walls) / len(cxrs)
-            float_preds[name] = fused
-            extra[name] = {"global": glob, "local": loc}
+            sampling[name], times[name], results = _timed_passes(engine, names, cxrs, masks, batch, spec[2], spec[3],
+                                                                 timing_passes)
+            float_preds[name] = [r.fused for r in results]
+            extra[name] = {"global": [r.global_img for r in results], "local": [r.local_img for r in results]}
         times.setdefault(name, (time.perf_counter() - t0) / len(preds[name]))
 
     lpips_metric = LPIPSMetric(protocol=cfg.metrics.lpips_protocol) if lpips else None
