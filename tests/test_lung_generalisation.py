@@ -286,3 +286,35 @@ def test_auto_uses_a_trained_lung_unet_from_the_documented_path(tmp_path, monkey
     # an explicit choice wins
     assert Segmenter.from_config(load_config(None, ["segmentation.method=classical"]), log=said.append).method \
         == "classical" and said == []
+
+
+def test_unet_segments_a_batch_in_one_forward_pass_with_the_per_film_masks(tmp_path):
+    from gl_lcm.config import load_config
+    from gl_lcm.data.phantom import generate_phantom, write_phantom_dataset
+    from gl_lcm.inference import Segmenter
+    from gl_lcm.train.segnet import train_segnet
+
+    phantoms = tmp_path / "ph"
+    write_phantom_dataset(phantoms, n=4, size=32, seed=1)
+    train_segnet(load_config(REPO / "configs/segnet_tiny.yaml", [
+        f"data.root={phantoms}", f"train.output_dir={tmp_path / 'seg'}", "segmentation.image_size=32",
+        "segmentation.depth=2", "segmentation.base_channels=8", "train.max_steps=20", "train.batch_size=2",
+        "device=cpu"]), progress=False)
+    seg = Segmenter.from_config(load_config(None, ["segmentation.method=unet", "segmentation.min_area=0",
+                                                   f"checkpoints.segnet={tmp_path / 'seg' / 'model.pt'}", "device=cpu"]))
+    calls = []
+    seg.method_options["model"].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    images = [generate_phantom(s, k).cxr.astype(np.float32) for k, s in enumerate((48, 64, 64))]
+    names = ["a", "b", "c"]
+    batch = seg.segment_batch(names, images, cache_dir=tmp_path / "cache")
+    assert calls == [3]  # one pass for the three films
+    assert sum(not isinstance(m, Exception) for m in batch) >= 2  # masks were found (the comparison bites)
+    for name, image, got in zip(names, images, batch):
+        try:
+            alone = seg(name, image)
+        except ValueError as exc:
+            assert isinstance(got, ValueError) and type(got) is type(exc)
+            continue
+        assert got.shape == image.shape and np.array_equal(got, alone)
+    assert sorted(p.name for p in (tmp_path / "cache" / "masks").glob("*.png")) == \
+        sorted(f"{n}.png" for n, m in zip(names, batch) if not isinstance(m, Exception))

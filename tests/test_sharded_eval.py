@@ -139,8 +139,8 @@ class _RecordingEngine:
         self.batches = []
         self.segmenter = Segmenter.from_config(cfg)
 
-    def segment(self, name, image, cache_dir=None, overwrite=False):
-        return self.segmenter(name, image, cache_dir=cache_dir, overwrite=overwrite)
+    def segment_batch(self, names, images, cache_dir=None, overwrite=False):
+        return self.segmenter.segment_batch(names, images, cache_dir=cache_dir, overwrite=overwrite)
 
     def run(self, names, cxrs, masks, guidance_mode=None, num_steps=None):
         from gl_lcm.inference import GLLCMResult

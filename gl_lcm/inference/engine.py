@@ -148,6 +148,23 @@ class InferenceEngine:
         # untimed: loader threads call it while the main thread samples (run() times its own calls)
         return self.segmenter(name, image01, cache_dir=cache_dir, overwrite=overwrite)
 
+    def segment_batch(self, names: Sequence[str], images01: Sequence[np.ndarray], cache_dir: Optional[Path] = None,
+                      overwrite: bool = False) -> list:
+        """Masks of several films: a bool mask or the exception per film (a batched U-Net pass where the
+        segmenter has one, :meth:`Segmenter.segment_batch`; film by film otherwise)."""
+        if self.segmenter is None:
+            raise ValueError("this engine was built without a segmenter: pass lung masks to run()")
+        batch_fn = getattr(self.segmenter, "segment_batch", None)
+        if batch_fn is not None:
+            return batch_fn(names, images01, cache_dir=cache_dir, overwrite=overwrite)
+        out = []
+        for name, image in zip(names, images01):
+            try:
+                out.append(self.segmenter(name, image, cache_dir=cache_dir, overwrite=overwrite))
+            except (ValueError, FileNotFoundError) as exc:
+                out.append(exc)
+        return out
+
     def inputs(self, cxrs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ModelInputs:
         """CXRs (H x W in [0, 1], any size) and lung masks -> model inputs at data.image_size."""
         p = self.pixels
@@ -239,7 +256,10 @@ class InferenceEngine:
         self.timer.reset()
         if masks is None:
             with self.timer.stage("segmentation"):
-                masks = [self.segment(n, c) for n, c in zip(names, cxrs)]
+                masks = self.segment_batch(names, cxrs)
+            failed = [m for m in masks if isinstance(m, Exception)]
+            if failed:
+                raise failed[0]
         with self.timer.stage("encode"):
             inputs = self.inputs(cxrs, masks)
         cond_global, cond_local = self.encode(inputs.x, inputs.masks)

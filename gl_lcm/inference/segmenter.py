@@ -71,21 +71,73 @@ class Segmenter:
                  overwrite: bool = False) -> np.ndarray:
         """Bool H x W lung mask of one CXR (H x W in [0, 1]); raises NoLungFoundError (a ValueError)
         when none is found."""
-        from gl_lcm.segmentation import mask_overlay, segment_lungs
+        from gl_lcm.segmentation import segment_lungs
 
+        cached = self._cached(name, image01, cache_dir, overwrite)
+        if cached is not None:
+            return cached
+        h, w = image01.shape
+        min_area = int(round(self.min_area * h * w / (1024 * 1024)))
+        mask = segment_lungs(image01, self.method, name=name, min_area=min_area, **self.method_options)
+        self._write_cache(name, image01, mask, cache_dir)
+        return mask
+
+    def _cached(self, name: str, image01: np.ndarray, cache_dir: Optional[Path], overwrite: bool):
+        """The cached mask of ``name`` when there is one of the image's size (and caching applies), else None."""
         cached = Path(cache_dir) / "masks" / f"{name}.png" if cache_dir is not None else None
         if cached is not None and cached.is_file() and self.use_cache and not overwrite:
             mask, _ = read_image(cached, allow_constant=True)
             if mask.shape == image01.shape:
                 return mask > 0.5
-        h, w = image01.shape
-        min_area = int(round(self.min_area * h * w / (1024 * 1024)))
-        mask = segment_lungs(image01, self.method, name=name, min_area=min_area, **self.method_options)
-        if cached is not None:
-            write_png(cached, mask.astype(np.float32))
-            with atomic_path(Path(cache_dir) / "overlays" / f"{name}.png") as tmp:
-                cv2.imwrite(str(tmp), cv2.cvtColor(mask_overlay(image01, mask), cv2.COLOR_RGB2BGR))
-        return mask
+        return None
+
+    def _write_cache(self, name: str, image01: np.ndarray, mask: np.ndarray, cache_dir: Optional[Path]) -> None:
+        if cache_dir is None:
+            return
+        from gl_lcm.segmentation import mask_overlay
+
+        write_png(Path(cache_dir) / "masks" / f"{name}.png", mask.astype(np.float32))
+        with atomic_path(Path(cache_dir) / "overlays" / f"{name}.png") as tmp:
+            cv2.imwrite(str(tmp), cv2.cvtColor(mask_overlay(image01, mask), cv2.COLOR_RGB2BGR))
+
+    def segment_batch(self, names, images01, cache_dir: Optional[Path] = None, overwrite: bool = False) -> list:
+        """Masks of several films: one bool mask, or the exception (NoLungFoundError, ...), per film.
+
+        With the lung U-Net the films without a cached mask go through the net in ONE forward pass
+        (batched, on its device); other methods segment film by film."""
+        if self.method != "unet":
+            return [self._one_or_error(n, im, cache_dir, overwrite) for n, im in zip(names, images01)]
+        from gl_lcm.segmentation.learned import predict_lung_probabilities
+        from gl_lcm.segmentation.postprocess import postprocess_mask
+
+        out: list = [None] * len(names)
+        todo = []
+        for i, (name, image) in enumerate(zip(names, images01)):
+            cached = self._cached(name, image, cache_dir, overwrite)
+            if cached is not None:
+                out[i] = cached
+            else:
+                todo.append(i)
+        if todo:
+            o = self.method_options
+            probs = predict_lung_probabilities(o["model"], [images01[i] for i in todo], o["image_size"], o["device"],
+                                               o["channel"])
+            for i, prob in zip(todo, probs):
+                h, w = images01[i].shape
+                try:
+                    mask = postprocess_mask(prob, threshold=0.5, min_area=int(round(self.min_area * h * w / 1024**2)),
+                                            name=names[i])
+                    self._write_cache(names[i], images01[i], mask, cache_dir)
+                    out[i] = mask
+                except ValueError as exc:
+                    out[i] = exc
+        return out
+
+    def _one_or_error(self, name, image01, cache_dir, overwrite):
+        try:
+            return self(name, image01, cache_dir=cache_dir, overwrite=overwrite)
+        except (ValueError, FileNotFoundError) as exc:  # no lung found, no mask in the folder, ...
+            return exc
 
 
 class WithFallback:

@@ -67,17 +67,21 @@ def build_lpips(cfg: Config, no_lpips: bool = False):
 
 
 def _load_batch(engine: InferenceEngine, batch: Sequence[str], files: SplitFiles, out: Path, overwrite: bool) -> list:
-    """Read, decode and segment one batch: [(stem, cxr, mask, seconds) or (stem, exception)]."""
-    items = []
+    """Read, decode and segment one batch (the lung U-Net in one pass): [(stem, cxr, mask, seconds) or
+    (stem, exception)]; seconds = the film's reading time + its share of the batch's segmentation."""
+    read, items = {}, {}
     for stem in batch:
         try:
             t0 = time.perf_counter()
-            cxr, _ = read_image(files.cxr[stem])
-            mask = engine.segment(stem, cxr, cache_dir=out, overwrite=overwrite)
-            items.append((stem, cxr, mask, time.perf_counter() - t0))
+            read[stem] = (read_image(files.cxr[stem])[0], time.perf_counter() - t0)
         except (ValueError, FileNotFoundError) as exc:
-            items.append((stem, exc))
-    return items
+            items[stem] = (stem, exc)
+    t0 = time.perf_counter()
+    masks = engine.segment_batch(list(read), [cxr for cxr, _ in read.values()], cache_dir=out, overwrite=overwrite)
+    share = (time.perf_counter() - t0) / max(len(read), 1)
+    for (stem, (cxr, seconds)), mask in zip(read.items(), masks):
+        items[stem] = (stem, mask) if isinstance(mask, Exception) else (stem, cxr, mask, seconds + share)
+    return [items[stem] for stem in batch]
 
 
 def _is_done(out: Path, stem: str, extra_fusions: Sequence[str]) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -42,33 +42,41 @@ def _check_image(image01: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: int = 256,
-                             device: Union[str, torch.device] = "cpu", channel: int = 0) -> np.ndarray:
-    """Lung probability map from a segmentation net.
+def predict_lung_probabilities(model: nn.Module, images01: Sequence[np.ndarray], image_size: int = 256,
+                               device: Union[str, torch.device] = "cpu", channel: int = 0) -> List[np.ndarray]:
+    """Lung probability maps of several films from ONE forward pass of a segmentation net.
 
     Args:
         model: ``nn.Module`` taking B x 1 x S x S in [-1, 1] and returning B x K x S x S logits.
-        image01: H x W float image in [0, 1].
-        image_size: the net's input side S (the image is resized to S x S, area interpolation).
+        images01: H_i x W_i float images in [0, 1] (sizes may differ: each is resized to S x S, area).
+        image_size: the net's input side S.
         device: where to run the net (the model is expected to live there already).
         channel: which of the K outputs (lung conventions, ``segmentation.outputs``) to return.
 
     Returns:
-        H x W float32 probabilities in [0, 1] (sigmoid of the logits, resized back bilinearly).
+        One H_i x W_i float32 probability map in [0, 1] per image (sigmoid, resized back bilinearly).
     """
-    image = _check_image(image01)
-    height, width = image.shape
-    small = cv2.resize(image, (int(image_size), int(image_size)), interpolation=cv2.INTER_AREA)
-    x = torch.from_numpy(small * 2.0 - 1.0)[None, None].to(device)
+    images = [_check_image(im) for im in images01]
+    small = np.stack([cv2.resize(im, (int(image_size), int(image_size)), interpolation=cv2.INTER_AREA)
+                      for im in images])
+    x = torch.from_numpy(small * 2.0 - 1.0)[:, None].to(device)
     param = next(model.parameters(), None)
     if param is not None and param.is_floating_point():
         x = x.to(param.dtype)
     logits = _forward_in_eval_mode(model, x)
-    if logits.shape[-2:] != (image_size, image_size) or logits.shape[0] != 1 or not 0 <= channel < logits.shape[1]:
-        raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected (1, K > {channel}, "
+    n = len(images)
+    if logits.shape[-2:] != (image_size, image_size) or logits.shape[0] != n or not 0 <= channel < logits.shape[1]:
+        raise ValueError(f"segmentation net returned shape {tuple(logits.shape)}, expected ({n}, K > {channel}, "
                          f"{image_size}, {image_size})")
-    prob = torch.sigmoid(logits[:, channel].float())[0].cpu().numpy()
-    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    probs = torch.sigmoid(logits[:, channel].float()).cpu().numpy()
+    return [cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+            for p, im in zip(probs, images)]
+
+
+def predict_lung_probability(model: nn.Module, image01: np.ndarray, image_size: int = 256,
+                             device: Union[str, torch.device] = "cpu", channel: int = 0) -> np.ndarray:
+    """H x W float32 lung probabilities of one film (:func:`predict_lung_probabilities` of a batch of one)."""
+    return predict_lung_probabilities(model, [image01], image_size, device, channel)[0]
 
 
 def segment_lungs_learned(model: nn.Module, image01: np.ndarray, image_size: int = 256,
