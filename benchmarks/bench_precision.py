@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ref = fused[("fp32", "fp32")]
     ref_psnr = np.mean([psnr(g, f) for g, f in zip(gts, ref)])
     print(f"## Reduced precision against fp32 ({args.model}, {args.steps} step(s), guidance {args.guidance}; "
-          f"{len(names)} held-out demo phantoms at {cxrs[0].shape[0]} px)\n")
+          f"{len(names)} held-out demo phantoms at {cxrs[0].shape[0]} px, their true lung masks)\n")
     print("| UNet | VQGAN | mean |fused - fp32| (8-bit levels) | max | PSNR (dB) | dPSNR vs fp32 (dB) |")
     print("|:--|:--|--:|--:|--:|--:|")
     for key, out in fused.items():
