@@ -303,8 +303,8 @@ class EvalConfig:
                                  "(ours; the published code runs fp32)", choices=DENOISER_PRECISIONS)
     vqgan_precision: str = opt("fp32", "VQGAN encode/decode precision (fp32 keeps the output pixels exact)",
                                choices=PRECISIONS)
-    compile: bool = opt(False, "torch.compile the UNet for fixed-shape sampling (first batch compiles; pays off "
-                               "on GPUs over many batches)")
+    compile: bool = opt(False, "torch.compile the UNet and the VQGAN encode/decode for fixed-shape sampling (first "
+                               "batch compiles; pays off on GPUs over many batches)")
     channels_last: bool = opt(True, "channels_last memory format for the UNet and VQGAN on CUDA (ignored on CPU)")
     cuda_graphs: bool = opt(False, "capture the fixed-shape sampling call with CUDA graphs (torch.compile "
                                    "reduce-overhead; takes the place of eval.compile; CUDA only, ignored with a "

@@ -132,12 +132,23 @@ def _with_cuda_graphs(fn: nn.Module, device: torch.device, cuda_graphs: bool) ->
     return CudaGraphDenoiser(fn)
 
 
-def prepare_vqgan(vqgan: nn.Module, device: torch.device, precision: str = "fp32", channels_last: bool = True):
-    """The VQGAN with ``encode`` / ``decode`` run under ``precision`` (fp32 returns the module itself)."""
+class CompiledCodec:
+    """``encode`` / ``decode`` of a VQGAN (or its Autocast wrapper) compiled with static shapes; the
+    original stays reachable as ``module``."""
+
+    def __init__(self, codec):
+        self.module = codec
+        self.encode = torch.compile(codec.encode, dynamic=False)
+        self.decode = torch.compile(codec.decode, dynamic=False)
+
+
+def prepare_vqgan(vqgan: nn.Module, device: torch.device, precision: str = "fp32", channels_last: bool = True,
+                  compile: bool = False):
+    """The VQGAN with ``encode`` / ``decode`` run under ``precision`` (fp32 returns the module itself);
+    ``compile`` compiles both methods with static shapes (eval.compile: the sampling runs one shape per batch)."""
     dtype = autocast_dtype(precision)
     vqgan.eval()
     if channels_last and device.type == "cuda":
         vqgan = vqgan.to(memory_format=torch.channels_last)
-    if dtype is None:
-        return vqgan
-    return Autocast(vqgan, device.type, dtype, methods=("encode", "decode"))
+    codec = vqgan if dtype is None else Autocast(vqgan, device.type, dtype, methods=("encode", "decode"))
+    return CompiledCodec(codec) if compile else codec

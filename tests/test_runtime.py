@@ -98,9 +98,12 @@ def test_compile_flag_compiles_the_unet_with_static_shapes(parts, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     pipe = _pipeline(parts, ["eval.compile=true"])
-    assert len(calls) == 1 and calls[0][0] is pipe.unet and calls[0][1] == {"dynamic": False}
+    assert calls[0][0] is pipe.unet and calls[0][1] == {"dynamic": False}
+    # the VQGAN's encode and decode too (static shapes), bound to the VQGAN itself at fp32
+    assert [c[0] for c in calls[1:]] == [pipe.vqgan.encode, pipe.vqgan.decode]
+    assert all(c[1] == {"dynamic": False} for c in calls[1:]) and pipe.codec.module is pipe.vqgan
     _pipeline(parts)
-    assert len(calls) == 1  # off by default
+    assert len(calls) == 3  # off by default
 
 
 @pytest.mark.cuda

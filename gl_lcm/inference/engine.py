@@ -95,7 +95,7 @@ class InferenceEngine:
         self.noise_source, self.batched, self.rebuild_scheduler = noise_source, batched, rebuild_scheduler
         # how the networks run (precision / compile / channels_last); fp32 = the modules themselves
         self.denoiser = prepare_denoiser(unet, device, precision, compile, channels_last, cuda_graphs)
-        self.codec = prepare_vqgan(vqgan, device, vqgan_precision, channels_last)
+        self.codec = prepare_vqgan(vqgan, device, vqgan_precision, channels_last, compile)
         self.timer = StageTimer(device)
         self.last_latents: tuple = ()  # the latents of the last run() / run_global(), for checks
 
