@@ -4,7 +4,7 @@
 Rows: MSE + PSNR + BSR (``compute_metrics`` without LPIPS); LPIPS with the network built once and
 reused (``LPIPSMetric``); LPIPS with the network rebuilt for every image; the one-time build cost;
 all four metrics together. LPIPS uses the local torchvision AlexNet weights when present
-(``--lpips-weights``, default ``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``); otherwise a
+(``--lpips-weights``, default: where ``gl-lcm weights lpips`` installs them, then torchvision's cache); otherwise a
 randomly initialised AlexNet trunk is written to a temporary folder and the output says so (only
 speed is measured, and it does not depend on the weights).
 
@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=8, help="images per timed run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is shown (default: %(default)s)")
     p.add_argument("--device", default="auto", help="LPIPS device: auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: the torch hub cache path)")
+    p.add_argument("--lpips-weights",
+                   help="AlexNet trunk weights (default: those `gl-lcm weights lpips` installed, then the torch hub cache)")
     p.add_argument("--lpips-protocol", default="published", choices=("published", "standard"),
                    help="LPIPS input protocol (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -65,11 +66,13 @@ def random_triplets(n: int, size: int, seed: int) -> list[tuple[np.ndarray, np.n
 
 def lpips_weights(args, folder: Path) -> tuple[Path, str]:
     """(AlexNet weights file, description): the local file, or random weights written to ``folder``."""
-    from gl_lcm.metrics import ALEXNET_WEIGHTS_FILE, default_alexnet_weights_path
+    from gl_lcm.metrics import ALEXNET_WEIGHTS_FILE
+    from gl_lcm.weights import find_trunk_weights, trunk_search_paths
 
-    path = Path(args.lpips_weights) if args.lpips_weights else default_alexnet_weights_path()
-    if path.is_file():
-        return path, f"LPIPS weights: {path}"
+    found = find_trunk_weights("alex", args.lpips_weights or None)
+    if found is not None and found.is_file():
+        return found, f"LPIPS weights: {found}"
+    path = args.lpips_weights or " or ".join(str(p) for p in trunk_search_paths("alex"))
     import torchvision
 
     with torch.random.fork_rng(devices=[]):
