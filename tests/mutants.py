@@ -131,6 +131,21 @@ MUTANTS = [
            "return alpha * eps_local + (1 - alpha) * noise / per_sample_std(eps_local, zero_channels)",
            "return alpha * eps_local + (1 - alpha) * noise / eps_local.std()",
            ("tests/test_guidance.py", "tests/test_pipeline.py")),
+    Mutant("sampling loop: the clip range computed inside the loop (a host-to-device copy per step)",
+           "gl_lcm/diffusion/samplers.py",
+           "        clip = clips[j]\n",
+           "        clip = clip_range_fn(t) if clip_range_fn is not None else None\n",
+           ("tests/test_no_host_sync.py",)),
+    Mutant("CLI: dotted overrides after the options not recognised",
+           "gl_lcm/cli.py",
+           '_OVERRIDE = re.compile(r"^[A-Za-z_]\\w*(\\.\\w+)*=")',
+           '_OVERRIDE = re.compile(r"^NEVER")',
+           ("tests/test_cli_docs.py",)),
+    Mutant("lung U-Net: a batch segmented film by film",
+           "gl_lcm/inference/segmenter.py",
+           '        if self.method != "unet":\n            return [self._one_or_error',
+           '        if True:\n            return [self._one_or_error',
+           ("tests/test_lung_generalisation.py",)),
 ]
 
 
