@@ -30,6 +30,8 @@ def test_prepare_inverts_resizes_splits_and_keeps_shared_films_out(tmp_path):
 
     def segmenter(name, image):
         calls.append(name)
+        if name == "JPCNN005":
+            raise ValueError("no lung found")
         return image > 0.5
 
     result = prepare_bse_jsrt(repo, tmp_path / "out", size=64, segmenter=segmenter, val_count=4, progress=False)
@@ -47,6 +49,12 @@ def test_prepare_inverts_resizes_splits_and_keeps_shared_films_out(tmp_path):
     assert np.corrcoef(written.ravel(), (stored / 255.0)[::2, ::2].ravel())[0, 1] < -0.9  # inverted
     assert (out / "Mask" / "JPCNN001.png").is_file() and len(calls) == 38 - 3
     assert (out / "masks.txt").read_text().startswith("lung masks: classical")
+    # every pair has a mask (training needs one); the film without a lung got the population prior
+    assert sorted(p.stem for p in (out / "Mask").glob("*.png")) == sorted(p.stem for p in (out / "CXR").glob("*.png"))
+    assert result["no_mask"] == ["JPCNN005"] and "population prior mask: JPCNN005" in (out / "masks.txt").read_text()
+    others = [cv2.imread(str(p), 0) > 127 for p in sorted((out / "Mask").glob("*.png")) if p.stem != "JPCNN005"]
+    prior = np.mean(np.stack(others), axis=0) >= 0.5
+    assert np.array_equal(cv2.imread(str(out / "Mask" / "JPCNN005.png"), 0) > 127, prior)
     # the same seed gives the same validation films
     again = prepare_bse_jsrt(repo, tmp_path / "again", size=64, segmenter=None, val_count=4, progress=False)
     assert read_split(tmp_path / "again" / "val.txt") == val and again["mask_method"] == "none"

@@ -8,7 +8,9 @@ BSE-JSRT pairs each of the 247 JSRT radiographs with a bone-shadow-eliminated im
 
 - ``CXR/<id>.png``, ``BS/<id>.png``: the radiograph and its soft-tissue image (area resampling);
 - ``Mask/<id>.png``: lung masks by the suite's lung U-Net when a checkpoint is given, by the classical
-  method otherwise (``masks.txt`` says which, and which films got none);
+  method otherwise; a film where no lung is found gets the population prior (lung in at least half of
+  the other films' masks), so every pair can train the local path (``masks.txt`` says which method,
+  and which films got the prior);
 - ``train.txt`` / ``val.txt`` / ``test.txt``: the clone's 20 ``valid_bone`` films are the fixed held-out
   test list; a seeded ``val_count`` of its training films validate; films in ``exclude`` (the ones
   ``../shared/data/real-cxr`` holds, by default) never enter training or validation.
@@ -87,7 +89,7 @@ def prepare_bse_jsrt(repo: PathLike, out: PathLike, size: int = 256, segmenter=N
     pool = sorted(k for k in pairs["train"] if k not in set(exclude))
     order = sorted(pool, key=lambda k: derive_seed(seed, "bse-jsrt-val", k))
     val, train = sorted(order[:val_count]), sorted(order[val_count:])
-    no_mask = []
+    no_mask, found = [], []
     all_pairs = {**pairs["train"], **pairs["valid"]}
     for name in tqdm(sorted(set(train) | set(val) | set(test)), desc="prepare BSE-JSRT", disable=not progress):
         cxr_file, soft_file = all_pairs[name]
@@ -96,12 +98,20 @@ def prepare_bse_jsrt(repo: PathLike, out: PathLike, size: int = 256, segmenter=N
         write_png(out / "BS" / f"{name}.png", soft)
         if segmenter is not None:
             try:
-                write_png(out / "Mask" / f"{name}.png", segmenter(name, cxr).astype(np.float32))
+                mask = segmenter(name, cxr)
+                write_png(out / "Mask" / f"{name}.png", mask.astype(np.float32))
+                found.append(mask)
             except ValueError:  # no lung found
                 no_mask.append(name)
+    if no_mask and found:
+        # every pair needs a mask to train the local path: where none was found, the population prior
+        # (pixels that are lung in at least half of the films' masks), named in masks.txt
+        prior = np.mean(np.stack(found), axis=0) >= 0.5
+        for name in no_mask:
+            write_png(out / "Mask" / f"{name}.png", prior.astype(np.float32))
     write_split(out, {"train": train, "val": val, "test": test})
     atomic_write_text(out / "masks.txt",
                       f"lung masks: {mask_method if segmenter is not None else 'none'}\n"
-                      + "".join(f"no mask: {n}\n" for n in no_mask))
+                      + "".join(f"no lung found, population prior mask: {n}\n" for n in no_mask))
     return {"train": len(train), "val": len(val), "test": len(test), "no_mask": no_mask, "excluded": excluded,
             "mask_method": mask_method if segmenter is not None else "none"}
