@@ -143,8 +143,8 @@ MUTANTS = [
            ("tests/test_cli_docs.py",)),
     Mutant("lung U-Net: a batch segmented film by film",
            "gl_lcm/inference/segmenter.py",
-           '        if self.method != "unet":\n            return [self._one_or_error',
-           '        if True:\n            return [self._one_or_error',
+           '        if self.method != "unet":\n            return segment_each(',
+           '        if True:\n            return segment_each(',
            ("tests/test_lung_generalisation.py",)),
 ]
 

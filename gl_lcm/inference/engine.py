@@ -26,7 +26,7 @@ from gl_lcm.data.datasets import masked
 from gl_lcm.diffusion.noise import GivenNoise, PerImageNoise, image_generators, randn_per_image
 from gl_lcm.diffusion.samplers import sample_dual_path
 from gl_lcm.inference.postprocess import ModelInputs, model_inputs, postprocess_paths, to_unit_range
-from gl_lcm.inference.segmenter import Segmenter
+from gl_lcm.inference.segmenter import Segmenter, segment_each
 from gl_lcm.inference.settings import FusionSettings, PixelSettings, SamplingSettings, sample_single_path
 
 # stage names as timing.csv writes them
@@ -157,13 +157,7 @@ class InferenceEngine:
         batch_fn = getattr(self.segmenter, "segment_batch", None)
         if batch_fn is not None:
             return batch_fn(names, images01, cache_dir=cache_dir, overwrite=overwrite)
-        out = []
-        for name, image in zip(names, images01):
-            try:
-                out.append(self.segmenter(name, image, cache_dir=cache_dir, overwrite=overwrite))
-            except (ValueError, FileNotFoundError) as exc:
-                out.append(exc)
-        return out
+        return segment_each(self.segmenter, names, images01, cache_dir, overwrite)
 
     def inputs(self, cxrs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ModelInputs:
         """CXRs (H x W in [0, 1], any size) and lung masks -> model inputs at data.image_size."""

@@ -106,7 +106,7 @@ class Segmenter:
         With the lung U-Net the films without a cached mask go through the net in ONE forward pass
         (batched, on its device); other methods segment film by film."""
         if self.method != "unet":
-            return [self._one_or_error(n, im, cache_dir, overwrite) for n, im in zip(names, images01)]
+            return segment_each(self, names, images01, cache_dir, overwrite)
         from gl_lcm.segmentation.learned import predict_lung_probabilities
         from gl_lcm.segmentation.postprocess import postprocess_mask
 
@@ -133,11 +133,18 @@ class Segmenter:
                     out[i] = exc
         return out
 
-    def _one_or_error(self, name, image01, cache_dir, overwrite):
+
+
+def segment_each(segmenter, names, images01, cache_dir: Optional[Path] = None, overwrite: bool = False) -> list:
+    """Film by film with any segmenter callable: a bool mask, or the exception (no lung found, no mask in
+    the folder, ...), per film."""
+    out = []
+    for name, image in zip(names, images01):
         try:
-            return self(name, image01, cache_dir=cache_dir, overwrite=overwrite)
-        except (ValueError, FileNotFoundError) as exc:  # no lung found, no mask in the folder, ...
-            return exc
+            out.append(segmenter(name, image, cache_dir=cache_dir, overwrite=overwrite))
+        except (ValueError, FileNotFoundError) as exc:
+            out.append(exc)
+    return out
 
 
 class WithFallback:
