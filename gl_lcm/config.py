@@ -128,6 +128,9 @@ class DiffusionConfig:
                                           "published (scaled by sqrt(alpha_bar_t), as lcm_train.py's add_noise "
                                           "with zero noise; sampling stays unscaled)", choices=["none", "published"])
     paths: list = opt(["global", "local"], "training pairs: global (CXR->BS) and/or local (masked CXR->masked BS)")
+    noise_input: bool = opt(True, "the network's first input is the noisy latent (diffusion); false = the plain "
+                                  "supervised baseline (ours, `gl-lcm train-baseline`): zeros there, one pass at "
+                                  "t = T-1 predicting x0, no sampler (sampling takes it from the checkpoint)")
 
 
 @dataclass
@@ -311,6 +314,10 @@ class EvalConfig:
                                    "warning elsewhere)")
     loader_workers: int = opt(2, "threads that read, decode and segment the next batches while the model samples "
                                  "(0 = load in the main thread)", min=0)
+    output: str = opt("soft_tissue", "what is written: soft_tissue (the decoded, fused prediction, as published) or "
+                                     "cxr_minus_bone (ours: the bone image D(E(CXR)) - prediction subtracted from the "
+                                     "CXR itself, so what the VQGAN loses of the film is kept)",
+                      choices=["soft_tissue", "cxr_minus_bone"])
 
 
 @dataclass

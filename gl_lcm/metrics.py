@@ -107,6 +107,35 @@ def structural_similarity(gt: np.ndarray, pred: np.ndarray) -> Tuple[float, floa
         return float(ssim(p, g)), float(ms_ssim(p, g))
 
 
+def bone_metrics(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
+    """The bone image itself, inside the lung mask: dict(bone_psnr, bone_ssim).
+
+    Predicted bone = cxr - pred, true bone = cxr - gt (H x W arrays in [0, 1], same size; mask bool H x W).
+    Both are scored against the true bone's own range R inside the mask (max - min), since bone is a faint
+    signal that a [0, 1] peak would flatter: bone_psnr = 10 log10(R^2 / MSE over the mask); bone_ssim = the
+    mean of the SSIM map (scikit-image, Gaussian 11 x 11, sigma 1.5, data range R) over the mask. An identity
+    prediction (no bone found) scores SSIM near 0.
+    """
+    from skimage.metrics import structural_similarity as ssim_map
+
+    cxr, gt, pred = (np.asarray(x, dtype=np.float64) for x in (cxr, gt, pred))
+    mask = np.asarray(mask, dtype=bool)
+    if not (cxr.shape == gt.shape == pred.shape == mask.shape):
+        raise ValueError(f"bone_metrics: shapes differ: cxr {cxr.shape}, gt {gt.shape}, pred {pred.shape}, "
+                         f"mask {mask.shape}")
+    if not mask.any():
+        raise ValueError("bone_metrics: the lung mask is empty")
+    true_bone, pred_bone = cxr - gt, cxr - pred
+    r = float(true_bone[mask].max() - true_bone[mask].min()) or 1.0
+    err = float(np.mean((pred_bone[mask] - true_bone[mask]) ** 2))
+    _, full = ssim_map(true_bone, pred_bone, data_range=r, gaussian_weights=True, sigma=1.5,
+                       use_sample_covariance=False, full=True)
+    inner = np.zeros_like(mask)  # as scikit-image's own mean, leave out the 5-pixel rim its 11 x 11 window pads
+    inner[5:-5, 5:-5] = mask[5:-5, 5:-5]
+    return {"bone_psnr": 10 * np.log10(r * r / err) if err > 0 else float("inf"),
+            "bone_ssim": float(full[inner if inner.any() else mask].mean())}
+
+
 def resize_for_metrics(image: np.ndarray, size: int = 1024) -> np.ndarray:
     """Resize an H x W image to size x size with ``cv2.resize`` INTER_LINEAR (float64 out)."""
     image = np.asarray(image, dtype=np.float64)
@@ -331,8 +360,12 @@ _TABLE_COLUMNS = (
     ("lpips", "LPIPS ↓", 1.0),
     ("ssim", "SSIM ↑", 1.0),  # ours, after the paper's four columns
     ("ms_ssim", "MS-SSIM ↑", 1.0),
+    ("bone_psnr", "bone PSNR (lung) ↑", 1.0),  # ours: the bone image inside the lung mask (bone_metrics)
+    ("bone_ssim", "bone SSIM (lung) ↑", 1.0),
 )
-_DEFAULT_DECIMALS = {"bsr": 2, "mse": 3, "psnr": 2, "lpips": 3, "ssim": 4, "ms_ssim": 4}
+_OPTIONAL_COLUMNS = ("bone_psnr", "bone_ssim")  # shown only where some method has them
+_DEFAULT_DECIMALS = {"bsr": 2, "mse": 3, "psnr": 2, "lpips": 3, "ssim": 4, "ms_ssim": 4, "bone_psnr": 2,
+                     "bone_ssim": 4}
 
 
 def _format_value(value: float, decimals: int) -> str:
@@ -352,19 +385,21 @@ def markdown_table(
 
     summaries: method name -> :func:`summarize` output (metric -> (mean, std)).
     Columns: Method | BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ | SSIM ↑ | MS-SSIM ↑ (the paper's
-    four, then ours), cells
+    four, then ours; then bone PSNR / SSIM inside the lung where some method has them), cells
     ``mean ± std`` (BSR x100, MSE x1000); a metric a method lacks shows "–".
     ``lpips_protocol`` adds a note line stating how LPIPS was computed.
     """
     places = dict(_DEFAULT_DECIMALS)
     places.update(decimals or {})
+    columns = [c for c in _TABLE_COLUMNS
+               if c[0] not in _OPTIONAL_COLUMNS or any(c[0] in s for s in summaries.values())]
     lines = [
-        "| Method | " + " | ".join(title for _, title, _ in _TABLE_COLUMNS) + " |",
-        "|:--|" + "|".join(":-:" for _ in _TABLE_COLUMNS) + "|",
+        "| Method | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|:--|" + "|".join(":-:" for _ in columns) + "|",
     ]
     for method, summary in summaries.items():
         cells = []
-        for key, _, scale in _TABLE_COLUMNS:
+        for key, _, scale in columns:
             if key not in summary:
                 cells.append("–")
                 continue

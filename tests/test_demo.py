@@ -10,13 +10,16 @@ def test_fast_demo_end_to_end_and_resume(tmp_path, capsys):
     report = (out / "report.md").read_text()
     for row in ("Identity (prediction = CXR)", "VQGAN round trip of the CXR", "DDPM-1000",
                 "GL-LCM published: teacher, LCM-50, LEG", "Consistency-distilled student, 4 steps",
-                "GL-LCM ours: one-step student, 1 step", "Ceiling: VQGAN round trip of the soft-tissue truth"):
+                "GL-LCM ours: one-step student, 1 step", "Ceiling: VQGAN round trip of the soft-tissue truth",
+                "Plain supervised baseline, one pass (global)"):
         assert row in report
     assert "| BSR (%) ↑ | MSE (10⁻³) ↓ | PSNR ↑ | LPIPS ↓ | SSIM ↑ | MS-SSIM ↑ |" in report
     assert (out / "demo_figure.png").stat().st_size > 1000
     assert (out / "psnr_vs_unet_calls.png").stat().st_size > 1000
     assert "| GL-LCM ours: one-step student, 1 step | 2 |" in report  # UNet calls per image: 1 step x 2 paths
-    for stage in ("vqgan", "teacher", "student", "onestep"):
+    assert "| Plain supervised baseline, one pass (global) | 1 |" in report  # one pass, whole film
+    assert "| Method - Plain supervised baseline, one pass (global) |" in report  # one-step vs baseline, paired
+    for stage in ("vqgan", "teacher", "student", "onestep", "baseline"):
         assert (out / stage / "model.pt").is_file() and (out / stage / "logs" / "curves.png").is_file()
     # the machine line: this process's torch threads and version, and a positive matmul rate
     import re
@@ -33,5 +36,5 @@ def test_fast_demo_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for stage in ("phantoms", "vqgan", "teacher", "student", "one-step student"):
+    for stage in ("phantoms", "vqgan", "teacher", "student", "one-step student", "plain supervised baseline"):
         assert f"[demo] {stage}: done already" in printed

@@ -78,6 +78,13 @@ class DualPathNoise(Protocol):
     def leg(self, j: int) -> Tensor: ...
 
 
+def predict_direct(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, num_train_timesteps: int) -> Tensor:
+    """The plain supervised baseline (ours, ``diffusion.noise_input: false``): one call with zeros where the
+    noisy latent goes, at t = T-1, its output read as the x0 latent. cond: B x C x h x w -> B x C x h x w."""
+    zeros = torch.zeros_like(cond)
+    return model_fn(zeros, _timestep_batch(num_train_timesteps - 1, zeros), cond)
+
+
 @torch.no_grad()
 def sample_dual_path(
     model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],

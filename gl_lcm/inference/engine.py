@@ -24,8 +24,9 @@ import torch
 from gl_lcm.config import Config
 from gl_lcm.data.datasets import masked
 from gl_lcm.diffusion.noise import GivenNoise, PerImageNoise, image_generators, randn_per_image
-from gl_lcm.diffusion.samplers import sample_dual_path
-from gl_lcm.inference.postprocess import ModelInputs, model_inputs, postprocess_paths, to_unit_range
+from gl_lcm.diffusion.samplers import predict_direct, sample_dual_path
+from gl_lcm.inference.postprocess import (ModelInputs, cxr_minus_bone, model_inputs, postprocess_paths,
+                                          to_unit_range)
 from gl_lcm.inference.segmenter import Segmenter, segment_each
 from gl_lcm.inference.settings import FusionSettings, PixelSettings, SamplingSettings, sample_single_path
 
@@ -181,6 +182,9 @@ class InferenceEngine:
         mode = guidance_mode or s.guidance_mode
         b = len(names)
         with self.timer.stage("sampling"):
+            if not s.noise_input:  # a plain supervised network: one pass over both paths, no noise
+                both = predict_direct(self.denoiser, torch.cat([cond_global, cond_local]), s.num_train_timesteps)
+                return both[:b], both[b:]
             if self.noise_source is not None:
                 noise = self.noise_source(names, tuple(cond_global.shape[1:]), steps)
             else:
@@ -259,8 +263,15 @@ class InferenceEngine:
         cond_global, cond_local = self.encode(inputs.x, inputs.masks)
         z_global, z_local = self.sample(names, cond_global, cond_local, num_steps, guidance_mode)
         self.last_latents = (z_global, z_local)
-        decoded = self.decode(z_global, z_local)
-        results = self.fuse(names, inputs, decoded, fusion_mode)
+        subtract = self.pixels.cxr_minus_bone
+        decoded = self.decode(z_global, z_local, *((cond_global,) if subtract else ()))
+        results = self.fuse(names, inputs, decoded[:2 * len(names)], fusion_mode)
+        if subtract:  # eval.output: cxr_minus_bone; the third block of decoded is D(E(CXR))
+            with self.timer.stage("fusion"):
+                for i, r in enumerate(results):
+                    rt = decoded[2 * len(names) + i]
+                    r.fused = cxr_minus_bone(inputs.cxrs[i], rt, r.fused)
+                    r.global_img = cxr_minus_bone(inputs.cxrs[i], rt, r.global_img)
         per_image = {k: v / len(names) for k, v in self.timer.seconds.items()}
         for r in results:
             r.timings = dict(per_image)
@@ -277,6 +288,10 @@ class InferenceEngine:
             cond = self.codec.encode(x)
         z = self.sample_global(names, cond, num_steps, sampler)
         self.last_latents = (z,)
+        if self.pixels.cxr_minus_bone:  # eval.output: cxr_minus_bone
+            both = self.decode(z, cond)
+            return [cxr_minus_bone(c, rt, np.where(c <= 0, 0.0, d))
+                    for c, d, rt in zip(cxrs, both[:len(cxrs)], both[len(cxrs):])]
         decoded = self.decode(z)
         return [np.where(c <= 0, 0.0, d) for c, d in zip(cxrs, decoded)]
 

@@ -99,3 +99,12 @@ def postprocess_paths(cxr: np.ndarray, global_img: np.ndarray, local_img: np.nda
     if m.any():
         l = np.clip(l + (g[m].mean() - l[m].mean()), 0.0, 1.0)
     return np.where(outside, 0.0, g).astype(np.float32), np.where(outside, 0.0, l).astype(np.float32)
+
+
+def cxr_minus_bone(cxr: np.ndarray, cxr_round_trip: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Ours (``eval.output: cxr_minus_bone``): subtract the model's bone image from the CXR itself.
+
+    The bone image is D(E(CXR)) - prediction, both through the same VQGAN, so what the autoencoder loses of
+    the film (fine texture, noise) cancels and stays in the output. All S x S in [0, 1]; returns float32 in [0, 1].
+    """
+    return np.clip(cxr - (cxr_round_trip - prediction), 0.0, 1.0).astype(np.float32)

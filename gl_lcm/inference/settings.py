@@ -17,7 +17,7 @@ import torch
 
 from gl_lcm.config import Config
 from gl_lcm.diffusion.lcm import DynamicClip, LCMScheduler, dynamic_clip_range
-from gl_lcm.diffusion.samplers import sample_ddim, sample_ddpm, sample_lcm
+from gl_lcm.diffusion.samplers import predict_direct, sample_ddim, sample_ddpm, sample_lcm
 from gl_lcm.diffusion.schedule import alphas_cumprod_from_betas, make_betas
 from gl_lcm.fusion import fuse
 
@@ -43,6 +43,7 @@ class SamplingSettings:
     guidance_alpha: float
     leg_std_published: bool
     seed: int
+    noise_input: bool = True  # False: a plain supervised network, predicted in one pass (predict_direct)
 
     @classmethod
     def from_config(cls, cfg: Config, denoiser_cfg: Optional[Config] = None, source: str = "checkpoint",
@@ -55,9 +56,10 @@ class SamplingSettings:
         """
         d, lcm = cfg.diffusion, cfg.lcm
         values = {"diffusion.prediction_type": d.prediction_type, "lcm.dynamic_clip": lcm.dynamic_clip,
-                  "lcm.step_schedules": lcm.step_schedules}
+                  "lcm.step_schedules": lcm.step_schedules, "diffusion.noise_input": d.noise_input}
         if denoiser_cfg is not None:
-            own = {"diffusion.prediction_type": denoiser_cfg.diffusion.prediction_type}
+            own = {"diffusion.prediction_type": denoiser_cfg.diffusion.prediction_type,
+                   "diffusion.noise_input": denoiser_cfg.diffusion.noise_input}
             if own["diffusion.prediction_type"] == "sample":
                 own.update({"lcm.dynamic_clip": denoiser_cfg.lcm.dynamic_clip,
                             "lcm.step_schedules": denoiser_cfg.lcm.step_schedules})
@@ -72,7 +74,8 @@ class SamplingSettings:
                    num_inference_steps=lcm.num_inference_steps, dynamic_clip=values["lcm.dynamic_clip"],
                    global_omega=lcm.global_omega, local_omega=lcm.local_omega, clip_b=lcm.clip_b,
                    guidance_mode=cfg.guidance.mode, guidance_alpha=cfg.guidance.alpha,
-                   leg_std_published=cfg.reference.leg_std == "published", seed=cfg.seed)
+                   leg_std_published=cfg.reference.leg_std == "published", seed=cfg.seed,
+                   noise_input=values["diffusion.noise_input"])
 
     def scheduler(self) -> LCMScheduler:
         """A fresh LCMScheduler for this noise schedule and prediction type."""
@@ -103,9 +106,11 @@ def sample_single_path(model, cond: torch.Tensor, settings: SamplingSettings, nu
     sampler 'lcm' (``num_steps`` LCM steps), 'ddim' (eta 0) or 'ddpm' (all T ancestral steps; with
     fewer ``num_steps`` than T, a strided ancestral grid: DDIM with eta 1, for smoke runs); dynamic clipping with base ``clip_omega`` (default: the global path's) when it is on.
     """
+    s = settings
+    if not s.noise_input:  # a plain supervised network: one pass, whatever the sampler
+        return predict_direct(model, cond, s.num_train_timesteps)
     x_T = noise if noise is not None else torch.randn(cond.shape, generator=generator).to(cond.device)
     fn = lambda x, t: model(x, t, cond)
-    s = settings
     omega = s.global_omega if clip_omega is None else clip_omega
     if sampler == "lcm":
         scheduler = s.scheduler()
@@ -168,10 +173,12 @@ class PixelSettings:
     published_conversions: bool
     mean_shift: str
     requantize: bool
+    cxr_minus_bone: bool = False  # eval.output: the output is CXR - (D(E(CXR)) - prediction) (ours)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "PixelSettings":
         r = cfg.reference
         return cls(image_size=cfg.data.image_size, published_conversions=r.conversions == "published",
-                   mean_shift=r.mean_shift, requantize=r.requantize)
+                   mean_shift=r.mean_shift, requantize=r.requantize,
+                   cxr_minus_bone=cfg.eval.output == "cxr_minus_bone")
 

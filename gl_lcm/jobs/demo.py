@@ -2,7 +2,8 @@
 
 Stages (each resumes: a finished stage is skipped, a killed training resumes from its checkpoint):
 phantoms -> VQGAN -> teacher -> student (consistency distillation) -> one-step student (fine-tuned
-through the decoder) -> evaluation of GL-LCM and baselines on held-out phantoms ->
+through the decoder) -> plain supervised baseline (ours; the same UNet, one pass, same training time) ->
+evaluation of GL-LCM and baselines on held-out phantoms ->
 results/demo/report.md (metrics, timings, figures).
 """
 from __future__ import annotations
@@ -10,19 +11,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from gl_lcm.config import Config, load_config
+from gl_lcm.jobs.paired import paired_differences, paired_table
 from gl_lcm.utils.atomic import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the tiny configs the demo trains with
 PUBLISHED = "GL-LCM published: teacher, LCM-50, LEG"
 ONE_STEP = "GL-LCM ours: one-step student, 1 step"
 CEILING = "Ceiling: VQGAN round trip of the soft-tissue truth"
+BASELINE = "Plain supervised baseline, one pass (global)"
 
 
 def _config(name: str, overrides: list[str]) -> Config:
@@ -57,6 +60,10 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
                       + (["train.max_steps=20", "train.val_every=20", "train.ckpt_every=20",
                           "lcm.num_inference_steps=2"] if fast else []))
     student_ckpt = str(out / "student" / "model.pt")
+    base = _config("baseline_tiny.yaml", common + [f"train.output_dir={out / 'baseline'}", f"checkpoints.vqgan={vq_ckpt}",
+                                                   f"checkpoints.teacher={teacher_ckpt}"]
+                   + (["train.max_steps=10", "train.val_every=10", "train.ckpt_every=10", "train.batch_size=8",
+                       "onestep.latent_only_steps=6", "train.lr_milestones=[6]"] if fast else []))
     one = _config("onestep_tiny.yaml", common + [f"train.output_dir={out / 'onestep'}",
                                                  f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
                                                  f"checkpoints.student={student_ckpt}"]
@@ -66,7 +73,7 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
         f"checkpoints.vqgan={vq_ckpt}", f"checkpoints.teacher={teacher_ckpt}",
         f"checkpoints.student={student_ckpt}", f"eval.output_dir={out / 'eval'}"]
         + (["metrics.image_size=64"] if fast else []))
-    return {"vqgan": vq, "teacher": ldm, "student": dis, "onestep": one, "eval": ev}
+    return {"vqgan": vq, "teacher": ldm, "student": dis, "onestep": one, "baseline": base, "eval": ev}
 
 
 def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log: dict) -> None:
@@ -92,6 +99,7 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
     from gl_lcm.train.distill import train_distill
     from gl_lcm.train.ldm import train_ldm
     from gl_lcm.train.onestep import train_onestep
+    from gl_lcm.train.supervised import train_baseline
     from gl_lcm.train.vqgan import train_vqgan
     from gl_lcm.utils.dist import resolve_device
     from gl_lcm.utils.machine import machine_line, matmul_gflops
@@ -118,10 +126,12 @@ def run_demo(out_dir: str = "results/demo", fast: bool = False, overwrite: bool 
            lambda: train_distill(cfgs["student"], resume=resume, progress=progress), stage_times)
     _stage("one-step student", out / "onestep" / "model.pt", overwrite,
            lambda: train_onestep(cfgs["onestep"], resume=resume, progress=progress), stage_times)
+    _stage("plain supervised baseline", out / "baseline" / "model.pt", overwrite,
+           lambda: train_baseline(cfgs["baseline"], resume=resume, progress=progress), stage_times)
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
     t0 = time.time()
     results = evaluate_demo(cfgs["eval"], out, onestep_checkpoint=out / "onestep" / "model.pt", fast=fast,
-                            progress=progress, lpips=lpips_ok)
+                            progress=progress, lpips=lpips_ok, baseline_checkpoint=out / "baseline" / "model.pt")
     results["lpips_note"] = lpips_note
     stage_times["evaluation"] = time.time() - t0
     atomic_write_text(timing_path, json.dumps(stage_times, indent=2))
@@ -162,7 +172,7 @@ def _timed_passes(engine, names, cxrs, masks: dict, batch: int, steps: int, guid
 
 @torch.no_grad()
 def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool = False,
-                  progress: bool = True, lpips: bool = False) -> dict:
+                  progress: bool = True, lpips: bool = False, baseline_checkpoint: Optional[Path] = None) -> dict:
     """GL-LCM (teacher, students) and baselines on the held-out phantoms, all through the inference engine.
 
     The GL-LCM rows run the evaluate job's own code (:func:`gl_lcm.jobs.evaluate.run_split`): it writes
@@ -206,6 +216,9 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
         "onestep": InferenceEngine.from_config(cfg, checkpoint=str(onestep_checkpoint), device=device,
                                                segmenter=known),
     }
+    if baseline_checkpoint is not None:
+        engines["baseline"] = InferenceEngine.from_config(cfg, checkpoint=str(baseline_checkpoint), device=device,
+                                                          segmenter=known)
     options = OutputOptions.from_config(cfg)
 
     preds: dict[str, list[np.ndarray]] = {}
@@ -232,7 +245,7 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
         ("GL-LCM ours: one-step student, 4 steps", ("onestep", "gllcm", 4, "vanilla")),
         ("GL-LCM ours: one-step student, 2 steps", ("onestep", "gllcm", 2, "vanilla")),
         (ONE_STEP, ("onestep", "gllcm", 1, "vanilla")),
-    ]
+    ] + ([(BASELINE, ("baseline", "plain", 1, None))] if "baseline" in engines else [])
     batch = cfg.eval.batch_size
     for name, spec in tqdm(methods, desc="demo evaluation", disable=not progress):
         t0 = time.perf_counter()
@@ -242,6 +255,10 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
             source = gts if name == CEILING else cxrs
             preds[name] = [img for i in range(0, len(source), batch)
                            for img in engines["teacher"].round_trip(source[i:i + batch])]
+        elif spec[1] == "plain":  # one pass of the supervised network on the whole film, no sampler
+            engine = engines[spec[0]]
+            preds[name] = [img for i in range(0, len(cxrs), batch)
+                           for img in engine.run_global(names[i:i + batch], cxrs[i:i + batch], 1, sampler="lcm")]
         elif spec[1] == "ddpm":
             engine = engines[spec[0]]
             out_imgs = []
@@ -275,55 +292,21 @@ def evaluate_demo(cfg: Config, out: Path, onestep_checkpoint: Path, fast: bool =
     png_effect = max((abs(rows[n]["psnr"][0] - summarize(metrics_of(ps, with_lpips=False))["psnr"][0])
                       for n, ps in float_preds.items()), default=0.0)
     ddpm_name = methods[3][0]
-    paired = paired_differences(per_image, PUBLISHED, [n for n, spec in methods if spec and spec[1] == "gllcm"])
+    paired = paired_differences(per_image, PUBLISHED, [n for n, spec in methods if spec and spec[1] in ("gllcm", "plain")])
     # the DDPM baseline runs on a subset: also report the other methods on that subset for a fair comparison
     subset = {name: summarize(r[:ddpm_n]) for name, r in per_image.items()}
     figure_cases(out / "demo_figure.png", cxrs, gts, extra[ONE_STEP], float_preds[ONE_STEP], k=4)
-    unet_calls = {name: (spec[2] if spec[1] == "ddpm" else 2 * spec[2]) for name, spec in methods if spec is not None}
+    unet_calls = {name: (spec[2] if spec[1] in ("ddpm", "plain") else 2 * spec[2])
+                  for name, spec in methods if spec is not None}
+    vs_baseline = (paired_differences(per_image, BASELINE, [n for n, spec in methods if spec and spec[0] == "onestep"])
+                   if BASELINE in per_image else {})
     figure_psnr_vs_calls(out / "psnr_vs_unet_calls.png", rows, unet_calls)
     return {"summaries": rows, "subset": subset, "times": times, "sampling": sampling, "n_test": len(cxrs),
             "ddpm_n": ddpm_n, "ddpm_name": ddpm_name, "image_size": size, "metrics_size": cfg.metrics.image_size,
             "unet_calls": unet_calls, "timing_passes": timing_passes, "bit_depth": options.bit_depth,
             "lpips_protocol": lpips_metric.protocol if lpips_metric else None, "paired": paired,
+            "paired_vs_baseline": vs_baseline,
             "png_effect_db": png_effect}
-
-
-PAIRED_METRICS = (("psnr", "PSNR (dB)", 1.0, 2), ("bsr", "BSR (points)", 100.0, 2), ("ms_ssim", "MS-SSIM", 1.0, 4),
-                  ("lpips", "LPIPS", 1.0, 4))
-
-
-def paired_differences(per_image: dict, reference: str, names) -> dict:
-    """name -> metric -> (mean, lower, upper) of the per-image paired difference row - ``reference``
-    (95 % percentile bootstrap, :func:`gl_lcm.metrics.paired_bootstrap_ci`), scaled for display."""
-    from gl_lcm.metrics import paired_bootstrap_ci
-
-    out = {}
-    for name in names:
-        if name == reference:
-            continue
-        rows, ref = per_image[name], per_image[reference]
-        out[name] = {key: tuple(scale * v for v in paired_bootstrap_ci([r[key] for r in rows], [r[key] for r in ref]))
-                     for key, _, scale, _ in PAIRED_METRICS if key in rows[0] and key in ref[0]}
-    return out
-
-
-def paired_table(paired: dict, reference: str) -> list[str]:
-    """Markdown lines: mean paired difference [95 % interval] per metric; better/worse only where the
-    interval excludes 0 (LPIPS: lower is better)."""
-    keys = [(k, label, places) for k, label, _, places in PAIRED_METRICS
-            if any(k in m for m in paired.values())]
-    lines = [f"| Method - {reference} | " + " | ".join(label for _, label, _ in keys) + " |",
-             "|:--|" + "--:|" * len(keys)]
-    for name, metrics in paired.items():
-        cells = []
-        for key, _, places in keys:
-            mean, lo, hi = metrics[key]
-            good = (lo > 0) if key != "lpips" else (hi < 0)
-            bad = (hi < 0) if key != "lpips" else (lo > 0)
-            verdict = " better" if good else (" worse" if bad else "")
-            cells.append(f"{mean:+.{places}f} [{lo:+.{places}f}, {hi:+.{places}f}]{verdict}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def figure_psnr_vs_calls(path: Path, rows: dict, unet_calls: dict) -> None:
@@ -390,6 +373,10 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
              "Per-image differences (method - published) on the same test images, mean and 95 % percentile "
              "bootstrap interval (10,000 resamples); 'better' / 'worse' only where the interval excludes 0.", "",
              *paired_table(res["paired"], PUBLISHED), "",
+             *(["The one-step student against the plain supervised baseline (the teacher's UNet trained from "
+                "scratch to regress the soft-tissue latent in one pass, about the same training time as the "
+                "teacher, student and one-step stages together):", "",
+                *paired_table(res["paired_vs_baseline"], BASELINE), ""] if res.get("paired_vs_baseline") else []),
              "## Time per image (this machine)", "",
              "Sampling = the diffusion/consistency sampling of both paths (what the step count changes); "
              f"sampling and total of the GL-LCM rows are those of the fastest of {res['timing_passes']} passes over "
@@ -402,7 +389,7 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
         if name in samp:
             lines.append(f"| {name} | {calls[name]} | {samp[name]:.4f} | {samp[name] / samp[teacher]:.3f} | {sec:.4f} |")
         else:
-            lines.append(f"| {name} | 0 | – | – | {sec:.4f} |")
+            lines.append(f"| {name} | {calls.get(name, 0)} | – | – | {sec:.4f} |")
     lines += ["", "## Stage durations (s)", "", "| Stage | seconds |", "|:--|--:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in stage_times.items()]
     lines += ["", f"Total: {sum(stage_times.values()) / 60:.1f} min", ""]
@@ -415,5 +402,7 @@ def write_report(out: Path, res: dict, stage_times: dict, fast: bool, machine: s
         {"summaries": {k: {m: list(v) for m, v in s.items()} for k, s in res["summaries"].items()},
          "times": t, "sampling": res["sampling"], "unet_calls": res["unet_calls"], "stage_times": stage_times,
          "paired_vs_published": {k: {m: list(v) for m, v in d.items()} for k, d in res["paired"].items()},
+         "paired_vs_baseline": {k: {m: list(v) for m, v in d.items()}
+                                for k, d in res.get("paired_vs_baseline", {}).items()},
          "machine": machine},
         indent=2, default=float))

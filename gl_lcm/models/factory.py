@@ -83,13 +83,14 @@ def load_vqgan(path: str | Path, device: Any = "cpu") -> nn.Module:
 
 
 def load_denoiser(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, Config]:
-    """The sampling UNet of a teacher ('ldm', EMA weights) or student ('distill') checkpoint, with its config."""
+    """The sampling UNet of a teacher ('ldm', EMA weights), student ('distill') or plain supervised baseline
+    ('supervised') checkpoint, with its config."""
     from gl_lcm.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt["kind"] not in ("ldm", "distill"):
-        raise ValueError(f"{path} holds a '{ckpt['kind']}' model, but a teacher ('ldm') or student ('distill') "
-                         f"checkpoint is needed")
+    if ckpt["kind"] not in ("ldm", "distill", "supervised"):
+        raise ValueError(f"{path} holds a '{ckpt['kind']}' model, but a teacher ('ldm'), student ('distill') or "
+                         f"baseline ('supervised') checkpoint is needed")
     cfg = config_from_checkpoint(ckpt["config"])
     latent_channels = int(ckpt["extra"]["latent_channels"])
     name = "ema" if "ema" in ckpt["modules"] else ("student" if "student" in ckpt["modules"] else "unet")

@@ -150,7 +150,7 @@ class OneStepTask(LDMTask):
 
     def micro_step(self, batch, step, generator):
         o = self.cfg.onestep
-        z0, cond, image, omega = batch["target"], batch["cond"], batch["image"], batch["omega"]
+        z0, cond, omega = batch["target"], batch["cond"], batch["omega"]
         b, dev = z0.shape[0], z0.device
         u = seeding.rand(b, generator, "cpu")
         t = self.timesteps[torch.searchsorted(self.t_cdf, u, right=True).clamp_max(len(self.timesteps) - 1)].to(dev)
@@ -170,6 +170,13 @@ class OneStepTask(LDMTask):
             start = self._rollout(z0, cond, omega, chains, noises)
         x_t = add_noise(start, noise, t, self.alphas_cumprod)
         z = self._estimate(self.trainer.net("student"), x_t, t, cond, omega)
+        return self.loss(z, batch, step)
+
+    def loss(self, z, batch, step):
+        """The fine-tuning loss of latent estimates z (B x C x h x w) against the batch's target latent and
+        image: latent MSE alone for the first ``onestep.latent_only_steps`` steps, then the pixel terms."""
+        o = self.cfg.onestep
+        z0, image = batch["target"], batch["image"]
         latent_only = step <= o.latent_only_steps
         loss = (1.0 if latent_only else o.latent_weight) * F.mse_loss(z, z0)
         logs = {"latent_mse": float(F.mse_loss(z.detach(), z0))}
