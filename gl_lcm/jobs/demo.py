@@ -76,12 +76,13 @@ def demo_configs(out: Path, fast: bool) -> dict[str, Config]:
     return {"vqgan": vq, "teacher": ldm, "student": dis, "onestep": one, "baseline": base, "eval": ev}
 
 
-def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log: dict) -> None:
+def _stage(name: str, done: Path, overwrite: bool, run: Callable[[], None], log: dict, tag: str = "demo") -> None:
+    """Run a stage unless ``done`` exists (then skip it, saying so); its seconds go to ``log[name]``."""
     if done.is_file() and not overwrite:
-        print(f"[demo] {name}: done already ({done}), skipped")
+        print(f"[{tag}] {name}: done already ({done}), skipped")
         log.setdefault(name, log.get(name, 0.0))
         return
-    print(f"[demo] {name} ...")
+    print(f"[{tag}] {name} ...")
     t0 = time.time()
     run()
     log[name] = time.time() - t0

@@ -95,7 +95,7 @@ def run_real_pairs(data: str, runs: str = "runs/bse", out: str = "results/bse_js
 
     def stage(name: str, train: Callable, cfg: Config) -> None:
         _stage(name, Path(cfg.train.output_dir) / "model.pt", overwrite,
-               lambda: train(cfg, resume=resume, progress=progress), times)
+               lambda: train(cfg, resume=resume, progress=progress), times, tag="real-pairs")
         atomic_write_text(timing_path, json.dumps(times, indent=2))
 
     stage("vqgan", train_vqgan, cfgs["vqgan"])
