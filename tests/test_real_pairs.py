@@ -151,9 +151,8 @@ def test_job_configs_chain_each_seed_and_reject_unknown_keys(tmp_path):
         real_pairs_configs(tmp_path / "data", runs, [0], tmp_path / "out", ["train.log_evry=5"])
 
 
-@pytest.mark.slow
 def test_real_pairs_job_end_to_end_on_phantoms(tmp_path):
-    """Every stage for a few steps on 128 px phantoms, then the report with its tables and files (~7 min)."""
+    """Every stage for a few steps on 128 px phantoms, then the report with its tables and files (~40 s)."""
     from gl_lcm.data.phantom import write_phantom_dataset
     from gl_lcm.jobs.real_pairs import PUBLISHED, run_real_pairs
 
