@@ -58,6 +58,11 @@ def _load_bone_bright(path: Path, size: int) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+def population_prior(masks) -> np.ndarray:
+    """Pixels that are lung in at least half of ``masks`` (same-size bool H x W arrays): H x W bool."""
+    return np.mean(np.stack(masks), axis=0) >= 0.5
+
+
 def prepare_bse_jsrt(repo: PathLike, out: PathLike, size: int = 256, segmenter=None, mask_method: str = "classical",
                      val_count: int = 12, seed: int = 0, exclude: Sequence[str] = SHARED_FILMS,
                      progress: bool = True) -> dict:
@@ -106,7 +111,7 @@ def prepare_bse_jsrt(repo: PathLike, out: PathLike, size: int = 256, segmenter=N
     if no_mask and found:
         # every pair needs a mask to train the local path: where none was found, the population prior
         # (pixels that are lung in at least half of the films' masks), named in masks.txt
-        prior = np.mean(np.stack(found), axis=0) >= 0.5
+        prior = population_prior(found)
         for name in no_mask:
             write_png(out / "Mask" / f"{name}.png", prior.astype(np.float32))
     write_split(out, {"train": train, "val": val, "test": test})

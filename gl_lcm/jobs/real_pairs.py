@@ -166,11 +166,12 @@ def folder_set(name: str, root: Path, segment, prior: np.ndarray) -> Optional[Pa
     return PairSet(name, names, cxrs, truths, masks, note)
 
 
-def population_prior(cfg: Config) -> np.ndarray:
-    """Pixels that are lung in at least half of the training masks (S x S bool)."""
+def training_prior(cfg: Config) -> np.ndarray:
+    """The population prior (:func:`gl_lcm.data.bse_jsrt.population_prior`) of the training masks: S x S bool."""
+    from gl_lcm.data.bse_jsrt import population_prior
     from gl_lcm.data.datasets import pairs_for_split
 
-    return np.mean([_read(p.mask) > 0.5 for p in pairs_for_split(cfg, "train", require_masks=True)], axis=0) >= 0.5
+    return population_prior([_read(p.mask) > 0.5 for p in pairs_for_split(cfg, "train", require_masks=True)])
 
 
 # ---------------------------------------------------------------------------- methods
@@ -273,7 +274,7 @@ def evaluate_real_pairs(cfg: Config, runs: Path, out: Path, seeds: Sequence[int]
     sets = [held_out_set(cfg)]
     if shared is not None:
         segment = Segmenter.from_config(cfg, device)
-        prior = population_prior(cfg)
+        prior = training_prior(cfg)
         for name, root in (("Gusarev dual-energy (real-cxr)", shared / "real-cxr" / "pairs" / "gusarev-des"),
                            ("SZCH dual-energy (szch-sample)", shared / "szch-sample")):
             found = folder_set(name, root, segment, prior)
