@@ -177,7 +177,8 @@ class OneStepConfig:
     latent_weight: float = opt(0.05, "weight of the MSE between the latent estimate and the target latent", min=0.0)
     bsr_weight: float = opt(0.0, "weight of 1 - BSR of the decoded estimate (the published bone suppression ratio per "
                                  "image: the bone left where the estimate is darker than the truth, over the "
-                                 "image's bone energy)", min=0.0)
+                                 "image's bone energy; keep it 0 where the bone signal is faint, as on BSE-JSRT, "
+                                 "where that division makes the term swamp the pixel MSE)", min=0.0)
     rollout: bool = opt(False, "samples at the later timesteps of 2/4-step sampling noise the student's own one-step "
                                "estimate (as sampling does) instead of the ground-truth latent, so later steps learn "
                                "to correct it")

@@ -166,6 +166,16 @@ MUTANTS = [
            "    r = float(true_bone[mask].max() - true_bone[mask].min()) or 1.0",
            "    r = 1.0",
            ("tests/test_real_pairs.py",)),
+    Mutant("loss balance: the warning repeats at every pixel step",
+           "gl_lcm/train/onestep.py",
+           "                self._balance_checked = True\n",
+           "                self._balance_checked = False\n",
+           ("tests/test_onestep.py",)),
+    Mutant("loss balance: the auxiliary terms compared with their own sum instead of the pixel term",
+           "gl_lcm/train/onestep.py",
+           "        if key != main and value > limit * base:",
+           "        if key != main and value > limit * (sum(terms.values()) - value):",
+           ("tests/test_onestep.py",)),
 ]
 
 

@@ -311,3 +311,48 @@ def test_bsr_term_scores_the_decoded_estimate_against_the_items_own_radiograph(t
     assert abs(float(loss) - 2.0 * want) < 1e-4
     assert abs(logs["bsr"] - (1 - want)) < 1e-4
     assert abs(float(loss) - 2.0 * float(bone_residual_loss(batch["cxr"], batch["image"], pred))) < 1e-5
+
+
+def test_loss_balance_warns_once_when_the_bsr_term_swamps_the_pixel_terms():
+    """On faint-bone pairs (BSE-JSRT: CXR and truth differ by a few grey levels) 1 - BSR per image is large, and
+    ``onestep.bsr_weight: 0.05`` made that term ~90 % of the loss. The first pixel step says so, once, naming the
+    key; with the term off, or on pairs with real bone, it says nothing. Values checked against metrics.bsr."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gl_lcm.metrics import bsr
+    from gl_lcm.train.onestep import OneStepTask, dominant_loss_term
+
+    main = "onestep.pixel_weight"
+    assert dominant_loss_term({main: 0.1, "b": 0.4, "c": 0.3}) is None  # each under 5x the pixel term
+    assert "the b term is 0.6, 6x the onestep.pixel_weight term (0.1)" in dominant_loss_term({main: 0.1, "b": 0.6})
+    assert "the b term is 0.6, 6x" in dominant_loss_term({main: 0.1, "b": 0.6, "c": 0.2})  # against pixel alone
+    assert dominant_loss_term({main: 1.0, "b": 0.01}) is None  # the pixel term leading is the intent
+    assert dominant_loss_term({main: 0.0, "b": 1.0}) is None  # pixel term off: nothing to compare with
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    pred = truth + 0.1 * torch.randn(2, 1, 32, 32, generator=g)  # decoded estimate, 0.1 off
+    z0 = torch.randn(2, 4, 8, 8, generator=g)
+
+    def messages(bone: float, bsr_weight: float) -> list[str]:
+        cxr = (truth + bone * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+        cfg = load_config(None, [f"onestep.bsr_weight={bsr_weight}", "onestep.latent_only_steps=0"])
+        task = OneStepTask.__new__(OneStepTask)
+        said = []
+        task.cfg, task.trainer = cfg, SimpleNamespace(log=said.append)
+        task.vqgan = SimpleNamespace(decode=lambda z: pred)
+        batch = {"target": z0, "image": truth, "cxr": cxr}
+        for step in (1, 2):
+            task.loss(z0 + 0.1, batch, step)
+        return said
+
+    faint = messages(bone=0.01, bsr_weight=0.05)
+    assert len(faint) == 1 and faint[0].startswith("step 1 ") and "onestep.bsr_weight term" in faint[0]
+    to01 = lambda x: (x[0].double().numpy() + 1) / 2  # noqa: E731
+    cxr = (truth + 0.01 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    want = 0.05 * np.mean([1 - bsr(to01(c), to01(t), to01(p.clamp(-1, 1))) for c, t, p in zip(cxr, truth, pred)])
+    assert f"term is {want:.4g}, " in faint[0]
+    assert messages(bone=0.01, bsr_weight=0.0) == []
+    assert messages(bone=0.5, bsr_weight=0.05) == []  # real bone: 1 - BSR is below 1, the pixel terms lead
