@@ -89,17 +89,17 @@ def dominant_loss_term(terms: dict[str, float], main: str = "onestep.pixel_weigh
 
     ``terms``: config key of the term's weight -> weighted value (a scalar >= 0); the pixel MSE is the term the
     others support. The published BSR divides by the image's bone energy, so on faint-bone data (BSE-JSRT,
-    1 - BSR of 3-6 per image) ``onestep.bsr_weight: 0.05`` weighed 12-20x the pixel MSE and cost 1.2 dB PSNR
-    (on the phantoms it is 0.5x); this says so at the first pixel step. None when the main term is off (0).
+    1 - BSR of 3.5-6.2 per batch) ``onestep.bsr_weight: 0.05`` weighed 12-22x the pixel MSE and cost 1.2-1.3 dB PSNR
+    (on the phantoms it is 0.5x); this says so at the first pixel step (again after a resume). None when the main term is off (0).
     """
     base = terms.get(main, 0.0)
     if base <= 0:
         return None
     for key, value in terms.items():
         if key != main and value > limit * base:
+            hint = " (on faint-bone data such as BSE-JSRT, onestep.bsr_weight: 0)" if "bsr" in key else ""
             return (f"loss balance: the {key} term is {value:.4g}, {value / base:.0f}x the {main} term "
-                    f"({base:.4g}), so it steers training; lower {key} if that is not meant (on faint-bone data "
-                    f"such as BSE-JSRT, onestep.bsr_weight: 0)")
+                    f"({base:.4g}), so it steers training; lower {key} if that is not meant{hint}")
     return None
 
 
