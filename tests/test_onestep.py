@@ -288,7 +288,7 @@ def test_bsr_term_scores_the_decoded_estimate_against_the_items_own_radiograph(t
         def forward(self, x_t, t, cond):
             return 0.3 * x_t + cond
 
-    decoder = SimpleNamespace(decode=lambda lat: torch.tanh(F.interpolate(lat[:, :1], scale_factor=4)))
+    decoder = SimpleNamespace(decode=lambda lat, requantize: torch.tanh(F.interpolate(lat[:, :1], scale_factor=4)))
     task = OneStepTask.__new__(OneStepTask)
     task.cfg, task.alphas_cumprod, task.unet, task.vqgan = cfg, ac, Student(), decoder
     task.trainer = SimpleNamespace(net=lambda name: task.unet)
@@ -305,7 +305,7 @@ def test_bsr_term_scores_the_decoded_estimate_against_the_items_own_radiograph(t
     t = torch.full((2,), 999)
     x_t = add_noise(batch["target"], noise, t, ac)
     est = consistency_output(0.3 * x_t + batch["cond"], x_t, t, ac, "sample", timestep_scaling=cfg.lcm.timestep_scaling)
-    pred = decoder.decode(est).clamp(-1, 1)
+    pred = decoder.decode(est, requantize=False).clamp(-1, 1)
     to01 = lambda x: (x[0].double().numpy() + 1) / 2  # noqa: E731
     want = np.mean([1 - bsr(to01(c), to01(gt), to01(p)) for c, gt, p in zip(batch["cxr"], batch["image"], pred)])
     assert abs(float(loss) - 2.0 * want) < 1e-4
@@ -343,7 +343,7 @@ def test_loss_balance_warns_once_when_the_bsr_term_swamps_the_pixel_terms():
         task = OneStepTask.__new__(OneStepTask)
         said = []
         task.cfg, task.trainer = cfg, SimpleNamespace(log=said.append)
-        task.vqgan = SimpleNamespace(decode=lambda z: pred)
+        task.vqgan = SimpleNamespace(decode=lambda z, requantize: pred)
         batch = {"target": z0, "image": truth, "cxr": cxr}
         for step in (1, 2):
             task.loss(z0 + 0.1, batch, step)
@@ -358,3 +358,41 @@ def test_loss_balance_warns_once_when_the_bsr_term_swamps_the_pixel_terms():
     assert abs(said - want) <= 1e-3 * want
     assert messages(bone=0.01, bsr_weight=0.0) == []
     assert messages(bone=0.5, bsr_weight=0.05) == []  # real bone: 1 - BSR is below 1, the pixel terms lead
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_pixel_loss_decodes_the_estimate_as_the_inference_engine_does(tmp_path, requantize):
+    """The pixel terms score the image the engine will write: the estimate decoded with reference.requantize
+    (default false, as the published code: no snapping to the codebook). Trained on the snapped decode, the
+    student learnt an image it is never sampled into. Reference: the engine's own decode of the same latent."""
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_config, write_tiny_checkpoints
+
+    from gl_lcm.inference.engine import InferenceEngine
+    from gl_lcm.train.onestep import OneStepTask
+
+    cfg = tiny_config([f"reference.requantize={str(requantize).lower()}", "onestep.latent_only_steps=0",
+                       "onestep.msssim_weight=0", "onestep.bsr_weight=0", "onestep.latent_weight=0",
+                       "data.image_size=128"])
+    paths = write_tiny_checkpoints(tmp_path, cfg)
+    cfg.checkpoints.vqgan, cfg.checkpoints.teacher = str(paths["vqgan"]), str(paths["teacher"])
+    engine = InferenceEngine.from_config(cfg, model="teacher", device=torch.device("cpu"), segmenter=False)
+    seen = []
+
+    def decode(z, requantize):  # the task's decoder: the engine's VQGAN, recording what it decoded
+        seen.append(engine.codec.decode(z, requantize=requantize))
+        return seen[-1]
+
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(2, cfg.vqgan.embed_dim, 16, 16, generator=g)  # far from the codes, so snapping shows
+    image = torch.rand(2, 1, 128, 128, generator=g) * 2 - 1
+    task = OneStepTask.__new__(OneStepTask)
+    task.cfg, task.vqgan, task.trainer = cfg, SimpleNamespace(decode=decode), SimpleNamespace(log=lambda m: None)
+    _, logs = task.loss(z, {"target": z, "image": image, "cxr": image}, step=1)
+
+    trained = ((seen[0].detach()[:, 0].clamp(-1, 1) + 1) / 2).numpy()
+    written = engine.decode(z)  # what the engine writes for this latent, [0, 1]
+    assert abs(logs["pixel_mse"] - F.mse_loss(seen[0][:, 0].detach(), image[:, 0]).item()) < 1e-6
+    assert float(abs(trained - written).max()) < 1e-5
+    assert float(abs(engine.decode(z, requantize=not requantize) - written).max()) > 1e-2  # told apart

@@ -177,7 +177,7 @@ class LDMTask(TrainTask):
         z = sample_single_path(self.ema, cond, SamplingSettings.from_config(self.cfg),
                                num_steps=self.cfg.lcm.num_inference_steps, generator=gen,
                                clip_omega=self.cfg.lcm.global_omega)
-        pred = self.vqgan.decode(z).clamp(-1, 1)
+        pred = self.vqgan.decode(z, requantize=self.cfg.reference.requantize).clamp(-1, 1)  # as the engine does
         to01 = lambda t: ((t[:, 0].float().cpu().numpy() + 1) / 2).clip(0, 1)
         rows = [[a, b_, c] for a, b_, c in zip(to01(cxr), to01(pred), to01(bs))]
         save_grid(out_dir / f"ldm_step_{step:08d}.png", rows, labels=["CXR", "teacher LCM", "soft tissue"])

@@ -202,7 +202,8 @@ class OneStepTask(LDMTask):
         loss = (1.0 if latent_only else o.latent_weight) * F.mse_loss(z, z0)
         logs = {"latent_mse": float(F.mse_loss(z.detach(), z0))}
         if not latent_only and (o.pixel_weight > 0 or o.msssim_weight > 0 or o.bsr_weight > 0):  # frozen decoder
-            pred = self.vqgan.decode(z).float()
+            # decoded as the engine decodes samples (reference.requantize, default false: no snapping to codes)
+            pred = self.vqgan.decode(z, requantize=self.cfg.reference.requantize).float()
             mse = F.mse_loss(pred, image.float())
             loss = loss + o.pixel_weight * mse
             logs.update(pixel_mse=float(mse.detach()), psnr=float(psnr_batch(pred.detach().clamp(-1, 1), image).mean()))
