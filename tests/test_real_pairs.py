@@ -124,6 +124,49 @@ def test_bone_metrics_against_closed_forms_and_scikit_image():
         bone_metrics(cxr, gt, pred, np.zeros_like(mask))
 
 
+def test_bone_gain_is_the_least_squares_gain_over_the_lung_pixels_of_every_film():
+    from gl_lcm.metrics import apply_bone_gain, fit_bone_gain
+
+    rng = np.random.default_rng(1)
+    cxrs = [rng.uniform(0.4, 0.9, (24, 24)) for _ in range(3)]
+    truths = [c - rng.uniform(0, 0.1, c.shape) for c in cxrs]
+    preds = [c - 0.6 * (c - t) - 0.03 * rng.standard_normal(c.shape) for c, t in zip(cxrs, truths)]
+    masks = [rng.uniform(size=(24, 24)) < 0.5 for _ in range(3)]
+    b_pred = np.concatenate([(c - q)[m] for c, q, m in zip(cxrs, preds, masks)])
+    b_true = np.concatenate([(c - t)[m] for c, t, m in zip(cxrs, truths, masks)])
+    expected = np.linalg.lstsq(b_pred[:, None], b_true, rcond=None)[0][0]  # numpy's least squares, masked pixels
+    assert fit_bone_gain(cxrs, preds, truths, masks) == pytest.approx(expected, rel=1e-10)
+    # pixels outside the lung do not count: wreck them and the gain stays
+    wrecked = [np.where(m, q, 0.0) for q, m in zip(preds, masks)]
+    assert fit_bone_gain(cxrs, wrecked, truths, masks) == pytest.approx(expected, rel=1e-10)
+    # a bone image twice too strong is halved, and the gained output is then the truth
+    doubled = [c - 2 * (c - t) for c, t in zip(cxrs, truths)]
+    k = fit_bone_gain(cxrs, doubled, truths, masks)
+    assert k == pytest.approx(0.5, rel=1e-12)
+    np.testing.assert_allclose(apply_bone_gain(cxrs[0], doubled[0], k), np.clip(truths[0], 0, 1), atol=1e-12)
+    with pytest.raises(ValueError, match="zero"):
+        fit_bone_gain(cxrs, cxrs, truths, masks)
+
+
+def test_bone_gain_rows_fit_on_validation_films_and_apply_the_gain_to_new_ones():
+    from gl_lcm.jobs.real_pairs import PairSet, add_bone_gain_rows, gained_name
+
+    rng = np.random.default_rng(2)
+    films = [rng.uniform(0.5, 0.9, (SIZE, SIZE)) for _ in range(5)]
+    truths = [c - rng.uniform(0, 0.1, c.shape) for c in films]
+    lookup = {f"f{i}": (c, t) for i, (c, t) in enumerate(zip(films, truths))}
+    # a model whose bone image is three times the truth's, so the fitted gain is 1/3
+    rows = {"model": lambda names, cxrs, masks: [lookup[n][0] - 3 * (lookup[n][0] - lookup[n][1]) for n in names]}
+    masks = [np.ones((SIZE, SIZE), bool)] * 5
+    validation = PairSet("validation", ["f0", "f1", "f2"], films[:3], truths[:3], masks[:3], "")
+    gains = add_bone_gain_rows(rows, validation, ["model"], SIZE, batch=2)
+    assert gains["model"] == pytest.approx(1 / 3, rel=1e-6)  # resize_square works in float32
+    # on films it was not fitted on, the gained row undoes the factor 3: its output is the truth
+    out = rows[gained_name("model")](["f3", "f4"], films[3:], masks[3:])
+    for o, t in zip(out, truths[3:]):
+        np.testing.assert_allclose(o, t, atol=1e-6)
+
+
 def test_table_shows_bone_columns_only_where_a_method_has_them():
     plain = {"a": {"psnr": (30.0, 1.0)}}
     assert "bone PSNR" not in markdown_table(plain)
@@ -167,3 +210,10 @@ def test_real_pairs_job_end_to_end_on_phantoms(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "baseline_seed1" in report and "Paired differences" in report
     assert (tmp_path / "out" / "figure.png").is_file() and (tmp_path / "out" / "per_image_0.csv").is_file()
+    # the bone-gain rows: gains fitted on the validation films, rows in every table, listed in the report
+    from gl_lcm.jobs.real_pairs import baseline_name, gained_name, onestep_name
+    gained = gained_name(onestep_name(0, 1))
+    assert set(res["bone_gains"]) >= {onestep_name(0, 1), baseline_name(1, "one pass, global")}
+    assert gained in held_out["summaries"] and gained in held_out["paired_identity"]
+    assert f"{gained} - {gained_name(baseline_name(0, 'one pass, global'))}" in held_out["paired_baseline"]
+    assert f"| {onestep_name(0, 1)} | {res['bone_gains'][onestep_name(0, 1)]:.3f} |" in report

@@ -6,6 +6,10 @@ From a folder written by `gl-lcm prepare-bse-jsrt`, with the ``configs/bse_*.yam
     per seed -> evaluation on the held-out films and on the out-of-domain pairs of ../shared/data
     -> <out>/report.md (tables with paired bootstrap intervals, per-image CSVs, figure)
 
+Besides the models' rows, the report has rows with a bone gain (ours, a calibration, not a model): the
+least-squares gain of a row's bone image (CXR - prediction), fitted on the validation films and applied to
+every set (:func:`add_bone_gain_rows`).
+
 Each stage resumes (a finished stage is skipped, a killed training resumes from its checkpoint). The student
 stages and the baseline train at every seed of ``seeds`` (same VQGAN and teacher), so the report can show
 whether a difference survives a change of seed.
@@ -133,14 +137,14 @@ def _read(path: Path) -> np.ndarray:
     return read_image(path)[0]
 
 
-def held_out_set(cfg: Config) -> PairSet:
-    """The prepared test split with the masks prepare-bse-jsrt wrote."""
+def held_out_set(cfg: Config, split: str = "test", title: str = "held-out BSE-JSRT") -> PairSet:
+    """A prepared split (the held-out test films by default) with the masks prepare-bse-jsrt wrote."""
     from gl_lcm.data.datasets import pairs_for_split
 
-    pairs = pairs_for_split(cfg, "test", require_masks=True)
+    pairs = pairs_for_split(cfg, split, require_masks=True)
     note = (Path(cfg.data.root) / "masks.txt").read_text().splitlines()[0] if (
         Path(cfg.data.root) / "masks.txt").is_file() else "lung masks: as prepared"
-    return PairSet("held-out BSE-JSRT", [p.stem for p in pairs], [_read(p.cxr) for p in pairs],
+    return PairSet(title, [p.stem for p in pairs], [_read(p.cxr) for p in pairs],
                    [_read(p.bs) for p in pairs], [_read(p.mask) > 0.5 for p in pairs], note)
 
 
@@ -219,6 +223,36 @@ def method_runs(cfg: Config, runs: Path, seeds: Sequence[int], device) -> dict[s
     return rows
 
 
+def gained_name(base: str) -> str:
+    return f"{base}, bone gain (fitted on validation)"
+
+
+def add_bone_gain_rows(rows: dict, validation: PairSet, bases: Sequence[str], size: int, batch: int) -> dict:
+    """For each row of ``bases``: fit the least-squares gain of its bone image on the validation films
+    (:func:`gl_lcm.metrics.fit_bone_gain`) and add the row that applies it (ours, a calibration, not a model).
+    Returns base row -> gain."""
+    import cv2
+
+    from gl_lcm.inference.postprocess import resize_square
+    from gl_lcm.metrics import apply_bone_gain, fit_bone_gain
+
+    cxrs = [resize_square(c, size) for c in validation.cxrs]
+    truths = [resize_square(t, size) for t in validation.truths]
+    masks = [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+             for m in validation.masks]
+    gains = {}
+    for base in bases:
+        preds = []
+        for i in range(0, len(cxrs), batch):
+            sl = slice(i, i + batch)
+            preds += list(rows[base](validation.names[sl], validation.cxrs[sl], validation.masks[sl]))
+        gains[base] = k = fit_bone_gain(cxrs, [np.clip(np.asarray(q, np.float64), 0, 1) for q in preds], truths, masks)
+        rows[gained_name(base)] = (lambda fn, k: lambda names, films, ms: [
+            apply_bone_gain(resize_square(c, size), np.clip(np.asarray(q, np.float64), 0, 1), k)
+            for c, q in zip(films, fn(names, films, ms))])(rows[base], k)
+    return gains
+
+
 def _with(cfg: Config, eval_output: str) -> Config:
     import copy
 
@@ -269,6 +303,9 @@ def evaluate_real_pairs(cfg: Config, runs: Path, out: Path, seeds: Sequence[int]
     size, batch = cfg.data.image_size, cfg.eval.batch_size
     lpips_metric = build_lpips(cfg)
     rows = method_runs(cfg, runs, seeds, device)
+    validation = held_out_set(cfg, "val", "validation")
+    gains = add_bone_gain_rows(rows, validation, [b for s in seeds for b in (
+        onestep_name(s, 1), onestep_name(s, 1, subtract=True), baseline_name(s, "one pass, global"))], size, batch)
     codec = InferenceEngine.from_config(cfg, model="teacher", device=device, segmenter=False)
     ceiling = lambda names, truths, masks: codec.round_trip(truths)  # noqa: E731
     sets = [held_out_set(cfg)]
@@ -282,7 +319,8 @@ def evaluate_real_pairs(cfg: Config, runs: Path, out: Path, seeds: Sequence[int]
                 print(f"[real-pairs] {root} not found: the {name} table is left out")
             else:
                 sets.append(found)
-    results = {"sets": {}, "image_size": size, "seeds": list(seeds),
+    results = {"sets": {}, "image_size": size, "seeds": list(seeds), "bone_gains": gains,
+               "validation_films": len(validation.names),
                "lpips": lpips_metric.protocol if lpips_metric else None}
     for k, pair_set in enumerate(sets):
         per_image, preds = evaluate_set(pair_set, rows, ceiling, size, batch, lpips_metric, progress)
@@ -307,7 +345,8 @@ def against_baseline(per_image: dict, seeds: Sequence[int]) -> dict:
     out = {}
     for s in seeds:
         for ours, theirs in ((onestep_name(s, 1), baseline_name(s, "one pass, global")),
-                             (onestep_name(s, 1, subtract=True), baseline_name(s, "dual path + fusion, CXR - bone"))):
+                             (onestep_name(s, 1, subtract=True), baseline_name(s, "dual path + fusion, CXR - bone")),
+                             (gained_name(onestep_name(s, 1)), gained_name(baseline_name(s, "one pass, global")))):
             diff = paired_differences({ours: per_image[ours], theirs: per_image[theirs]}, theirs, [ours])[ours]
             out[f"{ours} - {theirs}"] = diff
     return out
@@ -356,6 +395,10 @@ def write_report(out: Path, res: dict, times: dict, cfgs: dict, machine: str) ->
              "is the teacher's UNet trained from scratch to regress the soft-tissue latent in one pass "
              "(`gl-lcm train-baseline`). Bone metrics: predicted bone (CXR - prediction) against true bone "
              "(CXR - truth) inside the lung mask, PSNR and SSIM against the true bone's range.", "",
+             f"Rows with a bone gain (ours, a calibration): the least-squares gain k of the row's bone image, "
+             f"fitted on the {res['validation_films']} validation films (never the held-out ones), applied as "
+             "CXR - k (CXR - prediction); the same k on every set:", "", "| row | k |", "|:--|--:|",
+             *[f"| {name} | {k:.3f} |" for name, k in res["bone_gains"].items()], "",
              "## Training time per stage (s)", "", "| stage | seconds |", "|:--|--:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += ["", f"{machine}", ""]
