@@ -231,26 +231,50 @@ def add_bone_gain_rows(rows: dict, validation: PairSet, bases: Sequence[str], si
     """For each row of ``bases``: fit the least-squares gain of its bone image on the validation films
     (:func:`gl_lcm.metrics.fit_bone_gain`) and add the row that applies it (ours, a calibration, not a model).
     Returns base row -> gain."""
+    from gl_lcm.metrics import fit_bone_gain
+
+    cxrs, truths, masks = _at_size(validation, size)
+    gains = {}
+    for base in bases:
+        preds = _predict(rows[base], validation.names, validation.cxrs, validation.masks, batch)
+        gains[base] = fit_bone_gain(cxrs, preds, truths, masks)
+        rows[gained_name(base)] = _with_bone_gain(rows[base], gains[base], size)
+    return gains
+
+
+def _with_bone_gain(row: Callable, gain: float, size: int) -> Callable:
+    """The row whose outputs have ``gain`` x its bone image (:func:`gl_lcm.metrics.apply_bone_gain`)."""
+    from gl_lcm.inference.postprocess import resize_square
+    from gl_lcm.metrics import apply_bone_gain
+
+    def gained(names, films, masks):
+        preds = _clip01(row(names, films, masks))
+        return [apply_bone_gain(resize_square(c, size), q, gain) for c, q in zip(films, preds)]
+
+    return gained
+
+
+def _clip01(preds) -> list:
+    return [np.clip(np.asarray(p, np.float64), 0, 1) for p in preds]
+
+
+def _predict(row: Callable, names: list, films: list, masks: list, batch: int) -> list:
+    """A row's outputs (S x S float64 in [0, 1]) for ``films``, ``batch`` at a time."""
+    out = []
+    for i in range(0, len(films), batch):
+        sl = slice(i, i + batch)
+        out += list(row(names[sl], films[sl], masks[sl]))
+    return _clip01(out)
+
+
+def _at_size(pair_set: PairSet, size: int) -> tuple[list, list, list]:
+    """A set's CXRs and truths resized to size x size, and its lung masks (nearest neighbour): metrics' inputs."""
     import cv2
 
     from gl_lcm.inference.postprocess import resize_square
-    from gl_lcm.metrics import apply_bone_gain, fit_bone_gain
 
-    cxrs = [resize_square(c, size) for c in validation.cxrs]
-    truths = [resize_square(t, size) for t in validation.truths]
-    masks = [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-             for m in validation.masks]
-    gains = {}
-    for base in bases:
-        preds = []
-        for i in range(0, len(cxrs), batch):
-            sl = slice(i, i + batch)
-            preds += list(rows[base](validation.names[sl], validation.cxrs[sl], validation.masks[sl]))
-        gains[base] = k = fit_bone_gain(cxrs, [np.clip(np.asarray(q, np.float64), 0, 1) for q in preds], truths, masks)
-        rows[gained_name(base)] = (lambda fn, k: lambda names, films, ms: [
-            apply_bone_gain(resize_square(c, size), np.clip(np.asarray(q, np.float64), 0, 1), k)
-            for c, q in zip(films, fn(names, films, ms))])(rows[base], k)
-    return gains
+    return ([resize_square(c, size) for c in pair_set.cxrs], [resize_square(t, size) for t in pair_set.truths],
+            [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0 for m in pair_set.masks])
 
 
 def _with(cfg: Config, eval_output: str) -> Config:
@@ -267,23 +291,13 @@ def evaluate_set(pair_set: PairSet, rows: dict, ceiling: Callable, size: int, ba
     the paper's and SSIM / MS-SSIM, plus the bone image inside the lung mask."""
     from tqdm import tqdm
 
-    from gl_lcm.inference.postprocess import resize_square
     from gl_lcm.metrics import bone_metrics, compute_metrics
 
-    import cv2
-
-    cxrs = [resize_square(c, size) for c in pair_set.cxrs]
-    truths = [resize_square(t, size) for t in pair_set.truths]
-    masks = [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0 for m in pair_set.masks]
+    cxrs, truths, masks = _at_size(pair_set, size)
     all_rows = {IDENTITY: rows[IDENTITY], CEILING: ceiling, **{k: v for k, v in rows.items() if k != IDENTITY}}
     per_image, preds = {}, {}
     for name, fn in tqdm(all_rows.items(), desc=f"evaluate {pair_set.name}", disable=not progress):
-        out = []
-        for i in range(0, len(cxrs), batch):
-            sl = slice(i, i + batch)
-            out += list(fn(pair_set.names[sl], truths[sl] if fn is ceiling else pair_set.cxrs[sl],
-                           pair_set.masks[sl]))
-        preds[name] = [np.clip(np.asarray(p, np.float64), 0, 1) for p in out]
+        preds[name] = _predict(fn, pair_set.names, truths if fn is ceiling else pair_set.cxrs, pair_set.masks, batch)
         per_image[name] = [{**compute_metrics(c, t, p, image_size=None, lpips_metric=lpips_metric),
                             **bone_metrics(c, t, p, m)}
                            for c, t, p, m in zip(cxrs, truths, preds[name], masks)]
